@@ -1,0 +1,1 @@
+"""Prefect flows that run the DVC stages (they never re-implement a stage)."""

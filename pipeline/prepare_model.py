@@ -1,0 +1,31 @@
+"""Stage prepare-model: the base policy (model.source) saved as safetensors + tokenizer + chat template.
+
+    python -m pipeline.prepare_model --params params.yaml --out data/models/base
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from grpo.config import load_params
+from grpo.models import load_source, save_atomic
+from pipeline.stage import run, stage
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--out", default="data/models/base")
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    with stage("prepare-model", reads=[params.model.source], writes=[args.out]) as log:
+        model, tokenizer = load_source(params.model.source)
+        info = {"source": params.model.source, "policy": "base", "iteration": 0,
+                "parameters": sum(p.numel() for p in model.parameters())}
+        save_atomic(model, tokenizer, args.out, {"checkpoint.json": json.dumps(info, indent=2).encode()})
+        log.update(parameters=f"{info['parameters'] / 1e6:.1f}M")
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,49 @@
+"""What every stage shares: a one-line log of what it read, wrote and how long it took, and bad input
+turned into one clear error line and exit status 2 (no traceback for a user's mistake)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+from grpo.config import ConfigError
+from grpo.contracts import ContractError
+
+USER_ERRORS = (ConfigError, ContractError, FileNotFoundError, ValueError)
+
+
+def _describe(paths) -> str:
+    return ", ".join(str(p) for p in paths) if paths else "-"
+
+
+@contextmanager
+def stage(name: str, *, reads: list, writes: list) -> Iterator[dict]:
+    """Time a stage and log 'name: read ..., wrote ... (details) in Xs'. Yield a dict for details."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr, force=False)
+    details: dict = {}
+    start = time.perf_counter()
+    yield details
+    info = "; ".join(f"{k}={v}" for k, v in details.items())
+    logging.getLogger("pipeline").info(
+        "%s: read %s, wrote %s%s in %.1fs", name, _describe(reads), _describe(writes), f" ({info})" if info else "",
+        time.perf_counter() - start,
+    )
+
+
+def run(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:
+    """Entry point wrapper: user errors print one line 'error: ...' and exit 2."""
+    try:
+        main(argv)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def ensure_parent(path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path

