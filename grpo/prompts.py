@@ -119,3 +119,12 @@ def render_prompt(tokenizer, question: str, system_prompt: str = "") -> str:
         ]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return (f"{system_prompt}\n\n" if system_prompt else "") + f"Question: {user}\nAnswer:"
+
+
+def iteration_batch(prompt_ids: list[str], seed: int, iteration: int, size: int) -> list[str]:
+    """Iteration k's prompts: consecutive slices of one seeded permutation (epochs of the train split), so
+    the batch depends only on (seed, k) and no prompt repeats before every prompt has been used."""
+    order = sorted(prompt_ids)
+    random.Random(f"{seed}/prompt-order").shuffle(order)
+    start = (iteration - 1) * size
+    return [order[(start + i) % len(order)] for i in range(size)]

@@ -20,16 +20,29 @@ from pipeline.stage import run, stage
 GSM8K_COLUMNS = ("question", "answer")
 
 
+def _file_source(params) -> tuple[str, str, str]:
+    """(question column, answer column, data_source name) for a file-backed prompts source."""
+    p = params.prompts
+    if p.path is None:
+        raise ValueError(f"prompts.path = null is not allowed when prompts.source is {p.source!r}; expected a file path")
+    if p.source == "gsm8k":
+        return (*GSM8K_COLUMNS, "gsm8k")
+    return p.question_column, p.answer_column, Path(p.path).stem
+
+
 def build_rows(params) -> list[dict]:
     p = params.prompts
     if p.source == "synthetic":
         return synthetic_rows(params.train.seed, p.num_train, p.num_eval, p.min_operand, p.max_operand,
                               p.num_operands, p.operations)
-    if p.path is None:
-        raise ValueError(f"prompts.path = null is not allowed when prompts.source is {p.source!r}; expected a file path")
-    question, answer = GSM8K_COLUMNS if p.source == "gsm8k" else (p.question_column, p.answer_column)
-    source = "gsm8k" if p.source == "gsm8k" else Path(p.path).stem
+    question, answer, source = _file_source(params)
     return file_rows(p.path, question, answer, params.train.seed, p.num_train, p.num_eval, source)
+
+
+def check_source(params) -> None:
+    """Raise the error prepare-prompts would raise, without a tokenizer (for check-inputs)."""
+    if params.prompts.source != "synthetic":
+        build_rows(params)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,8 +12,10 @@ from typing import Callable, Iterator
 
 from grpo.config import ConfigError
 from grpo.contracts import ContractError
+from grpo.trainer import NonFiniteError
 
-USER_ERRORS = (ConfigError, ContractError, FileNotFoundError, ValueError)
+# Errors a user can act on: printed as one line, exit status 2, no traceback.
+USER_ERRORS = (ConfigError, ContractError, FileNotFoundError, ValueError, NonFiniteError)
 
 
 def _describe(paths) -> str:
@@ -47,3 +49,19 @@ def ensure_parent(path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def write_json(path: str | Path, data: dict) -> Path:
+    """Metrics/state JSON, written atomically (a killed stage leaves no half-written file)."""
+    import json
+
+    from grpo.contracts import atomic_write
+
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def read_json(path: str | Path) -> dict:
+    import json
+
+    return json.loads(Path(path).read_text())

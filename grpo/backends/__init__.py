@@ -1,0 +1,1 @@
+"""Optional rollout backends that need extra packages (imported on demand)."""

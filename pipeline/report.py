@@ -1,0 +1,76 @@
+"""Stage report: every iteration's metrics in one table (data/report/history.csv, what `dvc plots show`
+draws) and PNG plots of reward, eval accuracy, KL and completion length against iteration.
+
+    python -m pipeline.report --metrics-dir data/metrics --out data/report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from grpo.contracts import atomic_write
+from pipeline.stage import run, stage
+
+PLOTS = {  # file name -> (columns, title)
+    "reward.png": (["reward", "rewards/correctness/mean"], "training reward"),
+    "eval_accuracy.png": (["eval/accuracy"], "held-out greedy accuracy"),
+    "kl.png": (["kl"], "KL to the reference"),
+    "completion_length.png": (["completions/mean_length"], "mean completion length (tokens)"),
+}
+
+
+def collect(metrics_dir: Path) -> pd.DataFrame:
+    rows: dict[int, dict] = {}
+    for path in sorted(metrics_dir.glob("*/*.json")):
+        k = int(path.parent.name)
+        rows.setdefault(k, {"iteration": k}).update(json.loads(path.read_text()))
+    return pd.DataFrame(sorted(rows.values(), key=lambda r: r["iteration"]))
+
+
+def draw(history: pd.DataFrame, out_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for name, (columns, title) in PLOTS.items():
+        present = [c for c in columns if c in history]
+        if not present:
+            continue
+        fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+        for column in present:
+            data = history[["iteration", column]].dropna()
+            ax.plot(data["iteration"], data[column], marker="o", label=column)
+        ax.set_xlabel("iteration")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        if len(present) > 1:
+            ax.legend()
+        fig.tight_layout()
+        atomic_write(out_dir / name, lambda tmp: fig.savefig(tmp, format="png"))
+        plt.close(fig)
+        written.append(name)
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--metrics-dir", default="data/metrics")
+    parser.add_argument("--out", default="data/report")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    with stage("report", reads=[args.metrics_dir], writes=[args.out]) as log:
+        history = collect(Path(args.metrics_dir))
+        if history.empty:
+            raise ValueError(f"{args.metrics_dir}: no metrics files (*/<stage>.json) to report")
+        atomic_write(out / "history.csv", lambda tmp: history.to_csv(tmp, index=False))
+        log.update(iterations=len(history), plots=len(draw(history, out)))
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,45 @@
+"""Stage score@k: every weighted reward function on every completion (offline; no model needed).
+
+    python -m pipeline.score --iteration 1 --rollouts data/rollouts/1.parquet --out data/scored/1.parquet
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import pyarrow as pa
+
+from grpo.config import load_params
+from grpo.contracts import ROLLOUTS, SCORED, read_table, write_table
+from grpo.metrics import reward_metrics
+from grpo.scoring import score_completions
+from pipeline.stage import run, stage, write_json
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--iteration", type=int, required=True)
+    parser.add_argument("--rollouts", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--metrics", required=True)
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    with stage(f"score@{args.iteration}", reads=[args.rollouts], writes=[args.out, args.metrics]) as log:
+        start = time.perf_counter()
+        table = read_table(args.rollouts, ROLLOUTS)
+        weights = params.reward.weights
+        columns = score_completions(table["completion"].to_pylist(), table["ground_truth"].to_pylist(), weights)
+        for name, values in columns.items():
+            dtype = pa.string() if name == "reward_error" else pa.float64()
+            table = table.append_column(pa.field(name, dtype, nullable=name == "reward_error"), pa.array(values, dtype))
+        write_table(table, args.out, SCORED)
+        metrics = reward_metrics(table.to_pandas(), list(weights))
+        metrics.update({"iteration": args.iteration, "time/score_seconds": time.perf_counter() - start})
+        write_json(args.metrics, metrics)
+        log.update(reward=f"{metrics['reward']:.3f}", errors=metrics["reward_errors"])
+
+
+if __name__ == "__main__":
+    run(main)

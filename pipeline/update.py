@@ -1,0 +1,105 @@
+"""Stage update@k: one GRPO policy update from checkpoint k-1 (weights and AdamW state) on iteration k's
+advantaged rollouts; writes checkpoint k. The frozen reference for the KL term is the base model.
+
+    python -m pipeline.update --iteration 1 --policy data/checkpoints/0 --reference data/checkpoints/0 \
+        --advantages data/advantages/1.parquet --out data/checkpoints/1 --metrics data/metrics/1/update.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from grpo.config import load_params
+from grpo.contracts import ADVANTAGES, read_table
+from grpo.models import load_checkpoint, save_atomic
+from grpo.trainer import UpdateConfig, grpo_update
+from pipeline.stage import run, stage, write_json
+
+OPTIMIZER_FILE = "optimizer.pt"  # AdamW state_dict: torch.load(path, weights_only=True)
+TRAINER_STATE_FILE = "trainer_state.pt"  # step counters and RNG state: torch.load(path, weights_only=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--iteration", type=int, required=True)
+    parser.add_argument("--policy", required=True, help="checkpoint k-1")
+    parser.add_argument("--reference", required=True, help="frozen reference model (the base)")
+    parser.add_argument("--advantages", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--metrics", required=True)
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    k, o, lcfg = args.iteration, params.optim, params.loss
+    torch.manual_seed(params.train.seed * 1_000_003 + k)
+    with stage(f"update@{k}", reads=[args.policy, args.advantages], writes=[args.out, args.metrics]) as log:
+        start = time.perf_counter()
+        table = read_table(args.advantages, ADVANTAGES).to_pandas()
+        table = table[table["kept"]].reset_index(drop=True)
+        policy, tokenizer = load_checkpoint(args.policy)
+        policy.train()
+        reference = None
+        if lcfg.beta != 0.0:
+            reference, _ = load_checkpoint(args.reference)
+            reference.eval().requires_grad_(False)
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=o.learning_rate, weight_decay=o.weight_decay)
+        previous_state = Path(args.policy) / OPTIMIZER_FILE
+        if previous_state.exists():  # AdamW moments carry over between iterations
+            optimizer.load_state_dict(torch.load(previous_state, weights_only=True))
+            for group in optimizer.param_groups:  # params.yaml wins over the saved hyper-parameters
+                group.update(lr=o.learning_rate, weight_decay=o.weight_decay)
+        previous_trainer = Path(args.policy) / TRAINER_STATE_FILE
+        global_step = torch.load(previous_trainer, weights_only=True)["global_step"] if previous_trainer.exists() else 0
+
+        cfg = UpdateConfig(
+            epochs=o.epochs, minibatch_size=o.minibatch_size, micro_batch_size=o.micro_batch_size,
+            max_grad_norm=o.max_grad_norm, temperature=params.rollout.temperature, autocast=o.bf16,
+            seed=params.train.seed * 1_000_003 + k, tis_cap=lcfg.tis_cap if lcfg.tis else None,
+            loss_kwargs=dict(beta=lcfg.beta, clip_low=lcfg.clip_low, clip_high=lcfg.clip_high,
+                             kl_estimator=lcfg.kl_estimator, aggregation=lcfg.aggregation, importance=lcfg.importance,
+                             max_completion_tokens=params.rollout.max_new_tokens),
+        )
+        metrics = {}
+        if len(table):
+            bar = tqdm(total=len(table) * o.epochs, desc=f"update@{k}", unit="completion")
+            metrics = grpo_update(
+                policy, reference, optimizer, None, table["prompt_token_ids"].map(list).tolist(),
+                table["completion_token_ids"].map(list).tolist(), torch.tensor(table["advantage"].to_numpy()),
+                table["completion_logprobs"].map(list).tolist(), tokenizer.pad_token_id, cfg, progress=bar.update,
+            )
+            bar.close()
+        global_step += metrics.get("optimizer_steps", 0)
+        trainer_state = {"iteration": k, "global_step": global_step,
+                         "torch_rng_state": torch.get_rng_state()}
+        info = {"policy": f"iter-{k}", "iteration": k, "parent": json.loads((Path(args.policy) / "checkpoint.json").read_text())["policy"],
+                "global_step": global_step}
+
+        def extras() -> dict[str, bytes]:
+            import io
+
+            files = {"checkpoint.json": json.dumps(info, indent=2).encode()}
+            for name, obj in ((OPTIMIZER_FILE, optimizer.state_dict()), (TRAINER_STATE_FILE, trainer_state)):
+                buffer = io.BytesIO()
+                torch.save(obj, buffer)
+                files[name] = buffer.getvalue()
+            return files
+
+        policy.eval()
+        save_atomic(policy, tokenizer, args.out, extras())
+        tokens = int(table["completion_tokens"].sum())
+        seconds = time.perf_counter() - start
+        metrics.update({"iteration": k, "global_step": global_step, "num_completions_trained": int(len(table)),
+                        "time/update_seconds": seconds, "tokens/update_per_second": tokens * o.epochs / seconds})
+        write_json(args.metrics, metrics)
+        log.update(loss=f"{metrics.get('loss', 0.0):.4f}", kl=f"{metrics.get('kl', 0.0):.4f}",
+                   grad_norm=f"{metrics.get('grad_norm', 0.0):.3f}", steps=metrics.get("optimizer_steps", 0))
+
+
+if __name__ == "__main__":
+    run(main)

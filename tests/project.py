@@ -1,0 +1,56 @@
+"""Make a throwaway copy of the project (its own git + DVC repo) with small parameters, and run DVC in it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT_FILES = ["dvc.yaml", "params.yaml", "grpo", "pipeline", "flows", ".dvcignore", "data/raw"]
+
+
+def small_params(model_dir: Path, iterations: int = 2, **sections) -> dict:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["model"]["source"] = str(model_dir)
+    params["prompts"].update(num_train=16, num_eval=6)
+    params["rollout"].update(group_size=4, prompts_per_iteration=3, max_new_tokens=6)
+    params["optim"].update(minibatch_size=6, micro_batch_size=3, learning_rate=1e-3)
+    params["eval"].update(max_new_tokens=6, batch_size=6)
+    params["train"]["iterations"] = {str(k): k - 1 for k in range(1, iterations + 1)}
+    for section, values in sections.items():
+        params[section].update(values)
+    return params
+
+
+def make_project(dest: Path, params: dict) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_FILES:
+        src = ROOT / name
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif src.exists():
+            shutil.copy2(src, dest / name)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"]):
+        subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
+    return dest
+
+
+def env() -> dict:
+    e = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", DVC_NO_ANALYTICS="1")
+    e["PYTHONPATH"] = ""  # stages import the copy's grpo/pipeline (cwd), not the checkout's
+    e["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{e.get('PATH', '')}"
+    return e
+
+
+def dvc(project: Path, *args: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
+    result = subprocess.run(["dvc", *args], cwd=project, env=env(), capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"dvc {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result

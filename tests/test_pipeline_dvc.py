@@ -1,0 +1,159 @@
+"""The whole GRPO loop as DVC stages, on a tiny model: outputs, contracts, caching, resume, bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from grpo.contracts import ADVANTAGES, PROMPTS, ROLLOUTS, SCORED, read_table
+from tests.project import dvc, env, make_project, small_params
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def finished_project(tmp_path_factory, tiny_model_dir) -> Path:
+    project = make_project(tmp_path_factory.mktemp("dvc") / "project", small_params(tiny_model_dir, iterations=2))
+    dvc(project, "repro")
+    return project
+
+
+def test_repro_writes_every_output_valid_against_its_contract(finished_project):
+    p = finished_project
+    prompts = read_table(p / "data/prompts.parquet", PROMPTS).to_pandas()
+    assert set(prompts["split"]) == {"train", "eval"}
+    for k in (1, 2):
+        rollouts = read_table(p / f"data/rollouts/{k}.parquet", ROLLOUTS).to_pandas()
+        assert len(rollouts) == 3 * 4 and rollouts["group_id"].nunique() == 3
+        assert (rollouts["iteration"] == k).all()
+        assert sorted(rollouts["sample_index"].unique()) == [0, 1, 2, 3]
+        read_table(p / f"data/scored/{k}.parquet", SCORED)
+        read_table(p / f"data/advantages/{k}.parquet", ADVANTAGES)
+        checkpoint = p / f"data/checkpoints/{k}"
+        assert (checkpoint / "model.safetensors").exists() and (checkpoint / "tokenizer.json").exists()
+        import torch
+
+        optimizer = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+        assert optimizer["state"], "AdamW moments are saved"
+        assert torch.load(checkpoint / "trainer_state.pt", weights_only=True)["iteration"] == k
+        update = json.loads((p / f"data/metrics/{k}/update.json").read_text())
+        for name in ("loss", "kl", "grad_norm", "learning_rate", "entropy", "clip_ratio/low_mean",
+                     "clip_ratio/high_mean", "clip_ratio/region_mean", "sampling/logp_diff_mean"):
+            assert name in update, name
+    # iteration 2 samples from checkpoint 1
+    assert set(pd.read_parquet(p / "data/rollouts/2.parquet")["policy"]) == {"iter-1"}
+    # the AdamW step counter carries over: iteration 2 continues iteration 1's optimizer
+    import torch
+
+    steps = [torch.load(p / f"data/checkpoints/{k}/optimizer.pt", weights_only=True)["state"][0]["step"] for k in (1, 2)]
+    assert float(steps[1]) == 2 * float(steps[0])
+    history = pd.read_csv(p / "data/report/history.csv")
+    assert list(history["iteration"]) == [0, 1, 2]
+    assert {"reward", "reward_std", "frac_reward_zero_std", "kl", "eval/accuracy", "completions/mean_length"} <= set(history)
+    assert (p / "data/report/reward.png").exists()
+    shown = dvc(p, "metrics", "show", "--json").stdout
+    assert "eval/accuracy" in shown and "rewards/correctness/mean" in shown
+
+
+def test_second_repro_runs_nothing(finished_project):
+    out = dvc(finished_project, "repro").stdout
+    assert "Running stage" not in out, out
+
+
+def test_changing_a_reward_weight_reruns_scoring_onward_not_generation(finished_project, tmp_path):
+    p = finished_project
+    params = yaml.safe_load((p / "params.yaml").read_text())
+    params["reward"]["weights"]["format"] = 0.5
+    (p / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    status = dvc(p, "status", "--json").stdout
+    stale = set(json.loads(status))
+    assert {"score@1", "score@2"} <= stale
+    assert not any(s.startswith("generate@1") for s in stale)
+    # restore for the other tests
+    params["reward"]["weights"]["format"] = 0.1
+    (p / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert json.loads(dvc(p, "status", "--json").stdout) == {}
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_killed_stage_then_repro_reproduces_the_uninterrupted_run(finished_project, tmp_path, tiny_model_dir):
+    project = make_project(tmp_path / "killed", small_params(tiny_model_dir, iterations=2))
+    proc = subprocess.Popen(["dvc", "repro"], cwd=project, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    # kill the whole process group once iteration 2's generation has started
+    deadline = time.time() + 600
+    while not (project / "data/metrics/1/update.json").exists():
+        assert time.time() < deadline and proc.poll() is None, "run did not reach iteration 2"
+        time.sleep(0.2)
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (project / "data/checkpoints/2").exists()
+    # resume: a stale lock from the killed run must not block it
+    (project / ".dvc/tmp/rwlock").unlink(missing_ok=True)
+    dvc(project, "repro")
+    for rel in ("data/rollouts/1.parquet", "data/rollouts/2.parquet"):
+        a = pd.read_parquet(project / rel)
+        b = pd.read_parquet(finished_project / rel)
+        pd.testing.assert_frame_equal(a, b)
+    ours = load_file(project / "data/checkpoints/2/model.safetensors")
+    reference = load_file(finished_project / "data/checkpoints/2/model.safetensors")
+    assert ours.keys() == reference.keys()
+    for name in ours:
+        assert (ours[name] - reference[name]).abs().max() <= 1e-6, name
+
+
+def test_bad_input_fails_clearly_and_keeps_earlier_outputs(finished_project, tmp_path, tiny_model_dir):
+    p = finished_project
+    outputs = sorted(x for x in (p / "data").rglob("*") if x.is_file() and x.name != "inputs.ok")
+    before = {x: _digest(x) for x in outputs}
+    params = yaml.safe_load((p / "params.yaml").read_text())
+    original = yaml.safe_dump(params, sort_keys=False)
+
+    # a prompts file without its answer column
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "1+1?", "solution": "2"}\n{"question": "2+2?", "solution": "4"}\n')
+    params["prompts"].update(source="file", path=str(bad))
+    (p / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    result = dvc(p, "repro", check=False)
+    assert result.returncode != 0
+    assert f"{bad}: column 'answer' not found (prompts.answer_column); columns: question, solution" in result.stderr + result.stdout
+
+    # an empty prompts file
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    params["prompts"].update(path=str(empty))
+    (p / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    result = dvc(p, "repro", check=False)
+    assert result.returncode != 0 and f"{empty}: the prompts file has no rows" in result.stderr + result.stdout
+
+    # group size 1
+    params = yaml.safe_load(original)
+    params["rollout"]["group_size"] = 1
+    (p / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    result = dvc(p, "repro", check=False)
+    assert result.returncode != 0
+    assert "rollout.group_size = 1 is not allowed; expected an integer >= 2" in result.stderr + result.stdout
+
+    # nothing produced earlier was lost or overwritten: check-inputs stopped the run before any stage
+    # that DVC would have cleared
+    assert {x: _digest(x) for x in outputs if x.exists()} == before
+    (p / "params.yaml").write_text(original)
+    out = dvc(p, "repro").stdout
+    # check-inputs comes back (from DVC's run-cache, or re-run); nothing else runs
+    ran = [line for line in out.splitlines() if line.startswith("Running stage")]
+    assert ran in ([], ["Running stage 'check-inputs':"]), out
+    assert json.loads(dvc(p, "status", "--json").stdout) == {}

