@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -157,3 +158,15 @@ def test_bad_input_fails_clearly_and_keeps_earlier_outputs(finished_project, tmp
     ran = [line for line in out.splitlines() if line.startswith("Running stage")]
     assert ran in ([], ["Running stage 'check-inputs':"]), out
     assert json.loads(dvc(p, "status", "--json").stdout) == {}
+
+
+def test_extending_the_run_runs_only_the_new_iteration(finished_project):
+    p = finished_project
+    result = subprocess.run([sys.executable, "-m", "pipeline.extend", "1"], cwd=p, env=env(), capture_output=True,
+                            text=True, check=True)
+    assert "train.iterations now 1..3" in result.stdout
+    out = dvc(p, "repro").stdout
+    ran = sorted(line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage"))
+    # check-inputs re-validates the changed params; its output is unchanged, so nothing old re-runs
+    assert ran == ["advantages@3", "check-inputs", "evaluate@3", "generate@3", "report", "score@3", "update@3"], out
+    assert list(pd.read_csv(p / "data/report/history.csv")["iteration"]) == [0, 1, 2, 3]
