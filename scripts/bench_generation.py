@@ -47,8 +47,12 @@ def make_prompts(model: str, n: int, seed: int) -> tuple[list[str], list[int]]:
 
 def run_backend(args) -> dict:
     """One backend, in this process: build, generate once, close. Returns the measurements."""
+    import torch
+
     from grpo.generation import SamplingSpec, make_backend
 
+    if args.backend == "hf" and args.hf_threads:
+        torch.set_num_threads(args.hf_threads)
     prompts, seeds = make_prompts(args.model, args.prompts, args.seed)
     options = ({"dtype": args.dtype, "prompts_per_batch": args.hf_batch} if args.backend == "hf" else
                {"dtype": args.dtype, "max_model_len": args.max_model_len})
@@ -59,15 +63,31 @@ def run_backend(args) -> dict:
     t1 = time.perf_counter()
     groups = backend.generate(prompts, spec, seeds, progress=args.verbose)
     t2 = time.perf_counter()
+    threads = torch.get_num_threads()
+    if args.backend == "vllm":  # the compute threads are the engine worker's, bound by vLLM to its cores
+        threads = ",".join(_worker_threads(backend.engine_pids)) or "?"
+    t2b = time.perf_counter()
     backend.close()
     t3 = time.perf_counter()
     completions = [c for g in groups for c in g.completions]
-    import torch
-
-    return {"backend": args.backend, "start_s": t1 - t0, "generate_s": t2 - t1, "close_s": t3 - t2,
+    return {"backend": args.backend, "start_s": t1 - t0, "generate_s": t2 - t1, "close_s": t3 - t2b,
             "tokens": sum(len(c.token_ids) for c in completions), "completions": len(completions),
             "stopped": sum(c.finish_reason == "stop" for c in completions),
-            "prompt_tokens": sum(len(g.prompt_token_ids) for g in groups), "torch_threads": torch.get_num_threads()}
+            "prompt_tokens": sum(len(g.prompt_token_ids) for g in groups), "threads": threads}
+
+
+def _worker_threads(pids: list[int]) -> list[str]:
+    import psutil
+
+    found = []
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            if "Worker" in proc.name():
+                found.append(f"{len(proc.cpu_affinity())} (cores {proc.cpu_affinity()})")
+        except (psutil.Error, OSError):
+            pass
+    return found
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -82,6 +102,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                         help="both backends (HF: autocast dtype; vLLM: model dtype)")
     parser.add_argument("--hf-batch", type=int, default=8, help="HFBackend prompts_per_batch")
+    parser.add_argument("--hf-threads", type=int, default=0,
+                        help="torch threads for HF (0: torch's default, one per core). vLLM's CPU worker binds "
+                             "its own: all cores but one, which it reserves for its scheduler")
     parser.add_argument("--max-model-len", type=int, default=1024, help="vLLM max_model_len")
     parser.add_argument("--backends", default="hf,vllm", help="comma-separated, run in this order")
     parser.add_argument("--verbose", action="store_true", help="show the subprocesses' logs and progress bars")
@@ -97,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if not Path(args.model).is_dir():
         sys.exit(f"{args.model}: no such model directory (run `python -m pipeline.prepare_model --out {args.model}`)")
+    load = " ".join(Path("/proc/loadavg").read_text().split()[:3]) if Path("/proc/loadavg").exists() else ""
     results = {}
     forward = [a for a in (argv if argv is not None else sys.argv[1:])]
     for name in [b.strip() for b in args.backends.split(",") if b.strip()]:
@@ -112,6 +136,8 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"\nmodel {args.model}: {args.prompts} prompts x G={args.group_size} completions x <= {args.max_new_tokens} "
           f"new tokens, temperature {args.temperature}, top_p {args.top_p}, dtype {args.dtype}, {os.cpu_count()} CPUs")
+    print("compute threads: " + ", ".join(f"{n} {r['threads']}" for n, r in results.items())
+          + (f"; machine load average before the run {load}" if load else ""))
     header = f"{'backend':8} {'start s':>8} {'generate s':>11} {'close s':>8} {'tokens':>7} {'stopped':>8} " \
              f"{'tok/s excl. start':>18} {'tok/s incl. start':>18}"
     print(header)

