@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import argparse
 
 import pyarrow as pa
 import torch
@@ -13,17 +12,11 @@ import torch
 from grpo.advantages import group_advantages, group_stats
 from grpo.config import load_params
 from grpo.contracts import ADVANTAGES, SCORED, read_table, write_table
-from pipeline.stage import run, stage, write_json
+from pipeline.stage import iteration_parser, run, stage, write_json
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--iteration", type=int, required=True)
-    parser.add_argument("--scored", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--metrics", required=True)
-    args = parser.parse_args(argv)
+    args = iteration_parser(__doc__, scored="scored rollouts Parquet of iteration k").parse_args(argv)
     params = load_params(args.params)
     a = params.advantage
     with stage(f"advantages@{args.iteration}", reads=[args.scored], writes=[args.out, args.metrics]) as log:

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import pandas as pd
@@ -15,18 +14,11 @@ from grpo.contracts import PROMPTS, atomic_write, read_table
 from grpo.generation import SamplingSpec, make_backend, select_backend
 from grpo.scoring import score_completions
 from pipeline.generate import backend_options
-from pipeline.stage import read_json, run, stage, write_json
+from pipeline.stage import iteration_parser, read_json, run, stage, write_json
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--iteration", type=int, required=True)
-    parser.add_argument("--policy", required=True)
-    parser.add_argument("--prompts", default="data/prompts.parquet")
-    parser.add_argument("--out", required=True, help="per-problem results (Parquet)")
-    parser.add_argument("--metrics", required=True)
-    args = parser.parse_args(argv)
+    args = iteration_parser(__doc__, policy="checkpoint to evaluate", prompts="prompts Parquet").parse_args(argv)
     params = load_params(args.params)
     k, e = args.iteration, params.eval
     with stage(f"evaluate@{k}", reads=[args.prompts, args.policy], writes=[args.out, args.metrics]) as log:

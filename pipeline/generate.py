@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import pandas as pd
@@ -16,7 +15,7 @@ from grpo.contracts import PROMPTS, ROLLOUTS, read_table, write_table
 from grpo.generation import SamplingSpec, make_backend, request_seed, select_backend
 from grpo.metrics import completion_metrics
 from grpo.prompts import iteration_batch
-from pipeline.stage import read_json, run, stage, write_json
+from pipeline.stage import iteration_parser, read_json, run, stage, write_json
 
 
 def backend_options(params, name: str) -> dict:
@@ -28,14 +27,8 @@ def backend_options(params, name: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--iteration", type=int, required=True)
-    parser.add_argument("--policy", required=True, help="checkpoint directory of iteration k-1")
-    parser.add_argument("--prompts", default="data/prompts.parquet")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--metrics", required=True)
-    args = parser.parse_args(argv)
+    args = iteration_parser(__doc__, policy="checkpoint directory of iteration k-1",
+                            prompts="prompts Parquet").parse_args(argv)
     params = load_params(args.params)
     k, r = args.iteration, params.rollout
     with stage(f"generate@{k}", reads=[args.prompts, args.policy], writes=[args.out, args.metrics]) as log:

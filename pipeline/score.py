@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import pyarrow as pa
@@ -14,17 +13,11 @@ from grpo.config import load_params
 from grpo.contracts import ROLLOUTS, SCORED, read_table, write_table
 from grpo.metrics import reward_metrics
 from grpo.scoring import score_completions
-from pipeline.stage import run, stage, write_json
+from pipeline.stage import iteration_parser, run, stage, write_json
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--iteration", type=int, required=True)
-    parser.add_argument("--rollouts", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--metrics", required=True)
-    args = parser.parse_args(argv)
+    args = iteration_parser(__doc__, rollouts="rollouts Parquet of iteration k").parse_args(argv)
     params = load_params(args.params)
     with stage(f"score@{args.iteration}", reads=[args.rollouts], writes=[args.out, args.metrics]) as log:
         start = time.perf_counter()

@@ -45,10 +45,19 @@ def run(main: Callable[[list[str] | None], None], argv: list[str] | None = None)
         sys.exit(2)
 
 
-def ensure_parent(path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
+def iteration_parser(doc: str | None, **inputs: str):
+    """argparse for a per-iteration stage: --params, --iteration, the stage's --<input> paths (name -> help),
+    --out and --metrics."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--iteration", type=int, required=True)
+    for name, help_text in inputs.items():
+        parser.add_argument(f"--{name}", required=True, help=help_text)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--metrics", required=True, help="metrics JSON of this stage")
+    return parser
 
 
 def write_json(path: str | Path, data: dict) -> Path:

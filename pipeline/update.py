@@ -7,7 +7,6 @@ advantaged rollouts; writes checkpoint k. The frozen reference for the KL term i
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -19,22 +18,15 @@ from grpo.config import load_params
 from grpo.contracts import ADVANTAGES, read_table
 from grpo.models import load_checkpoint, save_atomic
 from grpo.trainer import UpdateConfig, grpo_update
-from pipeline.stage import run, stage, write_json
+from pipeline.stage import iteration_parser, run, stage, write_json
 
 OPTIMIZER_FILE = "optimizer.pt"  # AdamW state_dict: torch.load(path, weights_only=True)
 TRAINER_STATE_FILE = "trainer_state.pt"  # step counters and RNG state: torch.load(path, weights_only=True)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--iteration", type=int, required=True)
-    parser.add_argument("--policy", required=True, help="checkpoint k-1")
-    parser.add_argument("--reference", required=True, help="frozen reference model (the base)")
-    parser.add_argument("--advantages", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--metrics", required=True)
-    args = parser.parse_args(argv)
+    args = iteration_parser(__doc__, policy="checkpoint k-1", reference="frozen reference model (the base)",
+                            advantages="advantages Parquet of iteration k").parse_args(argv)
     params = load_params(args.params)
     k, o, lcfg = args.iteration, params.optim, params.loss
     torch.manual_seed(params.train.seed * 1_000_003 + k)
