@@ -123,6 +123,7 @@ class LossConfig:
 class OptimConfig:
     learning_rate: float = _spec(1e-5, allowed="a float > 0", check=lambda v: v > 0)
     weight_decay: float = _spec(0.0, allowed="a float >= 0", check=lambda v: v >= 0)
+    warmup_steps: int = _spec(0, allowed="an integer >= 0", check=lambda v: v >= 0)  # linear, over the run's optimizer steps
     epochs: int = _spec(1, **_positive_int())  # mu: passes over each batch of rollouts
     minibatch_size: int = _spec(16, **_positive_int())  # completions per optimizer step
     micro_batch_size: int = _spec(8, **_positive_int())  # completions per forward/backward (grad accumulation)

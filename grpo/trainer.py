@@ -7,8 +7,11 @@
                 loss = grpo.policy_loss(logp, logp_old, A, mask, ref_logprobs=logp_ref, ...)
             clip_grad_norm; AdamW step          (stop, no step, if the loss or a gradient is not finite)
 
-logp_old is logp detached when mu = 1 (TRL's num_iterations=1); with mu > 1 it is computed once, before
-the first epoch, and kept. logp_ref comes from the frozen reference model (the base), computed once.
+logp_old is logp detached when the batch is one optimizer step (mu = 1 and one minibatch: TRL's
+num_iterations=1 with steps_per_generation=1); otherwise it is computed once, before the first step, and
+kept, so the clip bounds every later step to the policy that sampled (without it the ratio would stay 1
+and nothing would limit how far the minibatches after the first move the policy). logp_ref comes from the
+frozen reference model (the base), computed once.
 """
 
 from __future__ import annotations
@@ -84,13 +87,23 @@ class UpdateConfig:
     seed: int
     loss_kwargs: dict  # beta, clip_low, clip_high, kl_estimator, aggregation, importance, max_completion_tokens
     tis_cap: Optional[float] = None  # truncated importance sampling cap C (None = off)
+    learning_rate: float = 1e-5
+    warmup_steps: int = 0  # linear warm-up over the first optimizer steps of the whole run
+    start_step: int = 0  # optimizer steps taken by earlier iterations (the schedule continues across them)
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of global optimizer step `step` (0-based): linear warm-up, then constant.
+        Adam's first steps move every weight by ~lr whatever its gradient; warm-up keeps them small."""
+        if self.warmup_steps <= 0:
+            return self.learning_rate
+        return self.learning_rate * min(1.0, (step + 1) / self.warmup_steps)
 
 
 def _weighted_mean(values: list[float], weights: list[float]) -> float:
     return sum(v * w for v, w in zip(values, weights)) / max(sum(weights), 1e-12)
 
 
-def grpo_update(policy, reference, optimizer, scheduler, prompt_ids, completion_ids, advantages: torch.Tensor,
+def grpo_update(policy, reference, optimizer, prompt_ids, completion_ids, advantages: torch.Tensor,
                 sampler_logprobs: Optional[Sequence[Sequence[float]]], pad_id: int, cfg: UpdateConfig,
                 progress: Callable[[int], None] = lambda n: None) -> dict[str, float]:
     """Run mu epochs of minibatch updates; returns TRL-named metrics averaged over optimizer steps."""
@@ -106,7 +119,8 @@ def grpo_update(policy, reference, optimizer, scheduler, prompt_ids, completion_
     ref_logp: dict[int, torch.Tensor] = {}
     old_logp: dict[int, torch.Tensor] = {}
     need_ref = loss_kwargs.get("beta", 0.0) != 0.0 and reference is not None
-    need_old = cfg.epochs > 1 or sampler_logprobs is not None
+    one_step = cfg.epochs == 1 and n <= cfg.minibatch_size
+    need_old = not one_step or sampler_logprobs is not None
     if need_ref or need_old:
         with torch.no_grad():
             for idx in micro_batches:
@@ -160,7 +174,7 @@ def grpo_update(policy, reference, optimizer, scheduler, prompt_ids, completion_
                 width = batch.completion_ids.shape[1]
                 logp, entropy = completion_logprobs(policy, batch, temperature=cfg.temperature,
                                                     autocast=cfg.autocast, with_entropy=True)
-                old = padded(old_logp, idx, width) if cfg.epochs > 1 else logp.detach()
+                old = logp.detach() if one_step else padded(old_logp, idx, width)
                 ref = padded(ref_logp, idx, width) if need_ref else None
                 mask = batch.completion_mask
                 if tis_weights:
@@ -178,10 +192,10 @@ def grpo_update(policy, reference, optimizer, scheduler, prompt_ids, completion_
             grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm))
             if not math.isfinite(grad_norm):
                 raise NonFiniteError(f"gradient norm is {grad_norm} at epoch {epoch + 1}, step {step + 1}")
+            lr = cfg.lr_at(cfg.start_step + step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             optimizer.step()
-            lr = optimizer.param_groups[0]["lr"]
-            if scheduler is not None:
-                scheduler.step()
             step += 1
             for name in ("loss", "kl", "entropy", "clip_ratio_low", "clip_ratio_high", "clip_ratio", "ratio_mean"):
                 record(name, _weighted_mean([s[name] for s, _ in step_stats], [w for _, w in step_stats]))

@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
             epochs=o.epochs, minibatch_size=o.minibatch_size, micro_batch_size=o.micro_batch_size,
             max_grad_norm=o.max_grad_norm, temperature=params.rollout.temperature, autocast=o.bf16,
             seed=params.train.seed * 1_000_003 + k, tis_cap=lcfg.tis_cap if lcfg.tis else None,
+            learning_rate=o.learning_rate, warmup_steps=o.warmup_steps, start_step=global_step,
             loss_kwargs=dict(beta=lcfg.beta, clip_low=lcfg.clip_low, clip_high=lcfg.clip_high,
                              kl_estimator=lcfg.kl_estimator, aggregation=lcfg.aggregation, importance=lcfg.importance,
                              max_completion_tokens=params.rollout.max_new_tokens),
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         if len(table):
             bar = tqdm(total=len(table) * o.epochs, desc=f"update@{k}", unit="completion")
             metrics = grpo_update(
-                policy, reference, optimizer, None, table["prompt_token_ids"].map(list).tolist(),
+                policy, reference, optimizer, table["prompt_token_ids"].map(list).tolist(),
                 table["completion_token_ids"].map(list).tolist(), torch.tensor(table["advantage"].to_numpy()),
                 table["completion_logprobs"].map(list).tolist(), tokenizer.pad_token_id, cfg, progress=bar.update,
             )

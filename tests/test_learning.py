@@ -41,7 +41,7 @@ def test_grpo_loop_raises_a_learnable_reward(peaked_tiny_model_dir):
     prompts = [f"Question {i}: say something." for i in range(8)]
     sampling = SamplingSpec(n=8, temperature=1.0, top_p=1.0, max_new_tokens=3)
     cfg = UpdateConfig(epochs=1, minibatch_size=32, micro_batch_size=16, max_grad_norm=1.0, temperature=1.0,
-                       autocast=False, seed=0,
+                       autocast=False, seed=0, learning_rate=3e-3,
                        loss_kwargs=dict(beta=0.0, clip_low=0.2, aggregation="seq_mean_token_mean"))
     rewards_per_iteration = []
     for k in range(1, 9):
@@ -53,7 +53,7 @@ def test_grpo_loop_raises_a_learnable_reward(peaked_tiny_model_dir):
         rewards_per_iteration.append(float(rewards.mean()))
         adv = group_advantages(rewards, [i for i, _ in flat])
         policy.train()
-        metrics = grpo_update(policy, reference, optimizer, None, [groups[i].prompt_token_ids for i, _ in flat],
+        metrics = grpo_update(policy, reference, optimizer, [groups[i].prompt_token_ids for i, _ in flat],
                               [c.token_ids for _, c in flat], adv, [c.logprobs for _, c in flat],
                               tokenizer.pad_token_id, cfg)
         assert metrics["optimizer_steps"] == 2

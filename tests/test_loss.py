@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from grpo import group_advantages, kl_divergence, policy_loss
+from grpo.kl import K3_MAX
 
 F64 = torch.float64
 
@@ -68,6 +69,8 @@ def test_k3_is_non_negative_and_zero_only_where_equal():
     # tiny differences: still strictly positive, ~ d^2 / 2
     d = torch.tensor([1e-6, -1e-6, 1e-3], dtype=F64)
     torch.testing.assert_close(kl_divergence(torch.zeros(3, dtype=F64), d), d**2 / 2, rtol=1e-3, atol=0)
+    # a token the policy pushed far below the reference: exp(30) would swamp the batch; clamped as verl's low_var_kl
+    assert float(kl_divergence(torch.tensor([-30.0]), torch.tensor([0.0]))) == K3_MAX
 
 
 def test_kl_estimators_match_their_formulas():
