@@ -27,11 +27,25 @@ def extend_iterations(params_path: str | Path, k: int) -> int:
     # rewrite only the one-line `iterations: {...}` entry, so every comment and value elsewhere stays as written
     pattern = re.compile(r'^(\s+iterations:\s*)\{[^}\n]*\}', re.MULTILINE)
     text, count = pattern.subn(lambda m: m.group(1) + mapping, path.read_text())
-    if count != 1:
-        raise ValueError(f"{path}: train.iterations is not a one-line {{...}} mapping; add the entries by hand")
+    if count != 1:  # written another way (a block mapping, say): a round-trip edit, which keeps comments
+        text = _round_trip_extend(path.read_text(), n, k)
     params_from_dict(yaml.safe_load(text), source=str(path))
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     return n + k
+
+
+def _round_trip_extend(text: str, n: int, k: int) -> str:
+    import io
+
+    from ruamel.yaml import YAML
+
+    rt = YAML()
+    data = rt.load(text)
+    for i in range(n + 1, n + k + 1):
+        data["train"]["iterations"][str(i)] = i - 1
+    out = io.StringIO()
+    rt.dump(data, out)
+    return out.getvalue()
 
 
 def main(argv: list[str] | None = None) -> None:

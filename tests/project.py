@@ -19,7 +19,7 @@ def small_params(model_dir: Path, iterations: int = 2, **sections) -> dict:
     params["model"]["source"] = str(model_dir)
     params["prompts"].update(num_train=16, num_eval=6)
     params["rollout"].update(group_size=4, prompts_per_iteration=3, max_new_tokens=6)
-    params["optim"].update(minibatch_size=6, micro_batch_size=3, learning_rate=1e-3)
+    params["optim"].update(minibatch_size=6, micro_batch_size=3, learning_rate=1e-3, warmup_steps=0)
     params["eval"].update(max_new_tokens=6, batch_size=6)
     params["train"]["iterations"] = {str(k): k - 1 for k in range(1, iterations + 1)}
     for section, values in sections.items():
