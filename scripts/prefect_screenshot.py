@@ -14,10 +14,7 @@ Needs Chromium (`apt-get install -y chromium`).
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,23 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.conftest import make_tiny_model  # noqa: E402
-from tests.project import env, make_project, small_params  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+from tests.project import env, free_port, make_project, small_params, stop_process_group  # noqa: E402
 
 
 def find_chromium() -> str:
@@ -124,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"attempt {attempt}: no screenshot", flush=True)
         raise SystemExit(f"error: no screenshot of {url} after {args.attempts} attempts")
     finally:
-        stop(server)
+        stop_process_group(server)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +22,7 @@ def small_params(model_dir: Path, iterations: int = 2, **sections) -> dict:
     params["prompts"].update(num_train=16, num_eval=6)
     params["rollout"].update(group_size=4, prompts_per_iteration=3, max_new_tokens=6)
     params["optim"].update(minibatch_size=6, micro_batch_size=3, learning_rate=1e-3, warmup_steps=0)
-    params["eval"].update(max_new_tokens=6, batch_size=6)
+    params["eval"].update(max_new_tokens=6, batch_size=6, every=1)
     params["train"]["iterations"] = {str(k): k - 1 for k in range(1, iterations + 1)}
     for section, values in sections.items():
         params[section].update(values)
@@ -54,3 +56,21 @@ def dvc(project: Path, *args: str, check: bool = True, timeout: float = 900) -> 
     if check and result.returncode != 0:
         raise AssertionError(f"dvc {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_process_group(proc: subprocess.Popen) -> None:
+    """SIGTERM a process started with start_new_session=True and its children; SIGKILL after 30 s."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -4,10 +4,7 @@ model: one task run per stage, artifacts, DVC skipping fresh stages, retries, de
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +17,7 @@ import yaml
 from filelock import FileLock
 
 from flows.grpo_flow import DVC_LOCK, stage_names
-from tests.project import dvc, env, make_project, small_params
+from tests.project import dvc, env, free_port, make_project, small_params, stop_process_group
 
 pytestmark = pytest.mark.slow
 
@@ -33,11 +30,6 @@ SCHEDULER_BUG = (f"SQLAlchemy {sqlalchemy.__version__}: Prefect 3.7.7's schedule
                  "('Can't evaluate bulk DML statement'); install sqlalchemy>=2.0,<2.1")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def prefect_env(home: Path, api_url: str | None = None) -> dict:
     """The project env, Prefect isolated in `home`; without api_url a flow runs in ephemeral mode."""
@@ -49,22 +41,13 @@ def prefect_env(home: Path, api_url: str | None = None) -> dict:
     return e
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
 
 class Server:
     """A `prefect server start` subprocess and the bits of its REST API the tests read."""
 
     def __init__(self, home: Path):
         self.home = home
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/api"
         self.env = prefect_env(home, self.url)
         self.log = home / "server.log"
@@ -87,7 +70,7 @@ class Server:
             time.sleep(0.5)
 
     def stop(self) -> None:
-        _stop(self.proc)
+        stop_process_group(self.proc)
         self.client.close()
 
     def post(self, path: str, body: dict | None = None):
@@ -249,7 +232,7 @@ class TestServedDeployments:
                 time.sleep(0.5)
             yield found
         finally:
-            _stop(serve)
+            stop_process_group(serve)
 
     def test_a_run_from_the_ui_reruns_nothing_and_waits_for_the_dvc_lock(self, server, project, deployments):
         files = _data_files(project)
