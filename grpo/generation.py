@@ -106,7 +106,7 @@ class HFBackend:
         from tqdm.auto import tqdm
 
         tok = self.tokenizer
-        eos_ids = _eos_ids(self.model, tok)
+        eos_ids = stop_token_ids(self.model.generation_config.eos_token_id, tok)
         groups: list[Group] = []
         bar = tqdm(total=len(prompts), desc=f"generate (hf, n={sampling.n})", unit="prompt", disable=not progress)
         for start in range(0, len(prompts), self.prompts_per_batch):
@@ -146,9 +146,10 @@ class HFBackend:
         pass
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
-    ids = model.generation_config.eos_token_id
-    ids = [ids] if isinstance(ids, int) else list(ids or [])
+def stop_token_ids(config_eos: int | list[int] | None, tokenizer) -> list[int]:
+    """The tokens that end a completion, for every backend: the generation config's eos_token_id (an int or a
+    list) plus the tokenizer's EOS."""
+    ids = [config_eos] if isinstance(config_eos, int) else list(config_eos or [])
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
     return ids

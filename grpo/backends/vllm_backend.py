@@ -33,7 +33,7 @@ import os
 import time
 from typing import Sequence
 
-from grpo.generation import BACKENDS, Completion, Group, SamplingSpec
+from grpo.generation import BACKENDS, Completion, Group, SamplingSpec, stop_token_ids
 
 CPU_DEFAULT_KV_CACHE_BYTES = 1 << 30  # 1 GiB = ~46k tokens of SmolLM2-135M (bf16) context
 CPU_DEFAULT_BATCHED_TOKENS = 4096  # tokens per engine step on CPU (vLLM's chunked-prefill default)
@@ -55,7 +55,11 @@ class VLLMBackend:
 
         model_dir = str(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.eos_ids = _eos_ids(model_dir, self.tokenizer, GenerationConfig)
+        try:
+            config_eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+        except OSError:  # no generation_config.json
+            config_eos = None
+        self.eos_ids = stop_token_ids(config_eos, self.tokenizer)  # the same stop tokens as HFBackend
         engine_options = {}
         if current_platform.is_cpu():
             if kv_cache_memory_bytes is None and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
@@ -157,18 +161,6 @@ class VLLMBackend:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _eos_ids(model_dir: str, tokenizer, generation_config_cls) -> list[int]:
-    """The stop tokens HFBackend uses: generation_config.eos_token_id (int or list) plus the tokenizer's EOS."""
-    try:
-        ids = generation_config_cls.from_pretrained(model_dir).eos_token_id
-    except OSError:  # no generation_config.json
-        ids = None
-    ids = [ids] if isinstance(ids, int) else list(ids or [])
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
 
 
 def _finish_reason(reason: str | None, ids: list[int], eos_ids: list[int]) -> str:
