@@ -19,13 +19,10 @@ from typing import Any, Callable, Optional
 import yaml
 
 from grpo.advantages import ADVANTAGE_SCALES
+from grpo.errors import ConfigError
 from grpo.kl import KL_ESTIMATORS
 from grpo.loss import IMPORTANCE_LEVELS, LOSS_AGGREGATIONS
 from grpo.rewards import REWARD_FUNCTIONS
-
-
-class ConfigError(ValueError):
-    """A bad parameter. str(e) is one line naming the file, the key, the value and what is allowed."""
 
 
 def _spec(default: Any = dataclasses.MISSING, *, allowed: str, check: Callable[[Any], bool] = lambda v: True, **kw):

@@ -17,9 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-
-class ContractError(ValueError):
-    """A table that does not meet its contract. str(e) names the file (when known) and the column."""
+from grpo.errors import ContractError
 
 
 @dataclass(frozen=True)

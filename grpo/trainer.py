@@ -23,6 +23,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from grpo.errors import NonFiniteError
 from grpo.logprobs import token_entropy, token_logprobs
 from grpo.loss import policy_loss
 
@@ -30,10 +31,6 @@ from grpo.loss import policy_loss
 # means over sequences, or (token_mean) over tokens; weighting each micro-batch by its share makes the
 # accumulated gradient that of the whole minibatch.
 AGGREGATION_UNIT = {"seq_mean_token_mean": "sequence", "token_mean": "token", "seq_mean_token_sum_norm": "sequence"}
-
-
-class NonFiniteError(RuntimeError):
-    """The loss or a gradient is NaN/Inf: the update stops and no checkpoint is written."""
 
 
 @dataclass

@@ -9,6 +9,7 @@ import time
 
 import pandas as pd
 
+from grpo.errors import InputError
 from grpo.config import load_params
 from grpo.contracts import PROMPTS, atomic_write, read_table
 from grpo.generation import SamplingSpec, make_backend, select_backend
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
         prompts = read_table(args.prompts, PROMPTS).to_pandas()
         held_out = prompts[prompts["split"] == "eval"].sort_values("prompt_id")
         if held_out.empty:
-            raise ValueError(f"{args.prompts}: no rows with split 'eval'")
+            raise InputError(f"{args.prompts}: no rows with split 'eval'")
         name = select_backend(params.rollout.backend)
         options = backend_options(params, name) | ({"prompts_per_batch": e.batch_size} if name == "hf" else {})
         backend = make_backend(name, args.policy, **options)

@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from grpo.config import load_params, params_from_dict
+from grpo.errors import ConfigError
 from grpo.contracts import atomic_write
 from pipeline.stage import run
 
@@ -20,7 +21,7 @@ from pipeline.stage import run
 def extend_iterations(params_path: str | Path, k: int) -> int:
     """Add k iterations to params_path; returns the new number of iterations."""
     if k < 1:
-        raise ValueError(f"iterations to add = {k} is not allowed; expected an integer >= 1")
+        raise ConfigError(f"iterations to add = {k} is not allowed; expected an integer >= 1")
     path = Path(params_path)
     n = load_params(path).train.num_iterations  # refuses an invalid file
     mapping = "{" + ", ".join(f'"{i}": {i - 1}' for i in range(1, n + k + 1)) + "}"

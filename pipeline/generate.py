@@ -10,6 +10,7 @@ import time
 import pandas as pd
 import pyarrow as pa
 
+from grpo.errors import InputError
 from grpo.config import load_params
 from grpo.contracts import PROMPTS, ROLLOUTS, read_table, write_table
 from grpo.generation import SamplingSpec, make_backend, request_seed, select_backend
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
         prompts = read_table(args.prompts, PROMPTS).to_pandas()
         train = prompts[prompts["split"] == "train"].set_index("prompt_id")
         if train.empty:
-            raise ValueError(f"{args.prompts}: no rows with split 'train'")
+            raise InputError(f"{args.prompts}: no rows with split 'train'")
         batch = train.loc[iteration_batch(train.index.tolist(), params.train.seed, k, r.prompts_per_iteration)]
         seeds = [request_seed(params.train.seed, k, pid) for pid in batch.index]
         policy_id = read_json(f"{args.policy}/checkpoint.json")["policy"]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from grpo.errors import InputError
 from grpo.contracts import atomic_write
 from pipeline.stage import run, stage
 
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     with stage("report", reads=[args.metrics_dir], writes=[args.out]) as log:
         history = collect(Path(args.metrics_dir))
         if history.empty:
-            raise ValueError(f"{args.metrics_dir}: no metrics files (*/<stage>.json) to report")
+            raise InputError(f"{args.metrics_dir}: no metrics files (*/<stage>.json) to report")
         atomic_write(out / "history.csv", lambda tmp: history.to_csv(tmp, index=False))
         log.update(iterations=len(history), plots=len(draw(history, out)))
 

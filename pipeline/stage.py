@@ -1,5 +1,6 @@
-"""What every stage shares: a one-line log of what it read, wrote and how long it took, and bad input
-turned into one clear error line and exit status 2 (no traceback for a user's mistake)."""
+"""What every stage shares: a one-line log of what it read, wrote and how long it took, and a user's
+mistake (grpo.errors.UserError) turned into one clear error line and exit status 2. Any other exception is
+a bug: it keeps its traceback (and Python's exit status 1)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from grpo.config import ConfigError
-from grpo.contracts import ContractError
-from grpo.trainer import NonFiniteError
-
-# Errors a user can act on: printed as one line, exit status 2, no traceback.
-USER_ERRORS = (ConfigError, ContractError, FileNotFoundError, ValueError, NonFiniteError)
+from grpo.errors import USER_ERROR_EXIT, UserError
 
 
 def _describe(paths) -> str:
@@ -37,12 +33,12 @@ def stage(name: str, *, reads: list, writes: list) -> Iterator[dict]:
 
 
 def run(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:
-    """Entry point wrapper: user errors print one line 'error: ...' and exit 2."""
+    """Entry point wrapper: a UserError prints one line 'error: ...' and exits with USER_ERROR_EXIT (2)."""
     try:
         main(argv)
-    except USER_ERRORS as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(USER_ERROR_EXIT)
 
 
 def iteration_parser(doc: str | None, **inputs: str):
