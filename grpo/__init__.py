@@ -1,22 +1,36 @@
 """GRPO as a library: pure functions on tensors, variants in registries, no orchestration.
 
     from grpo import group_advantages, kl_divergence, policy_loss, token_logprobs
+
+The names below are loaded on first use (PEP 562), so that importing one module of the package (as every
+pipeline stage does) does not import them all: each DVC stage depends on exactly the modules it runs.
 """
 
-from grpo.advantages import ADVANTAGE_SCALES, group_advantages, group_stats
-from grpo.kl import KL_ESTIMATORS, kl_divergence
-from grpo.logprobs import token_entropy, token_logprobs
-from grpo.loss import IMPORTANCE_LEVELS, LOSS_AGGREGATIONS, policy_loss
+from __future__ import annotations
 
-__all__ = [
-    "ADVANTAGE_SCALES",
-    "IMPORTANCE_LEVELS",
-    "KL_ESTIMATORS",
-    "LOSS_AGGREGATIONS",
-    "group_advantages",
-    "group_stats",
-    "kl_divergence",
-    "policy_loss",
-    "token_entropy",
-    "token_logprobs",
-]
+import importlib
+
+_EXPORTS = {
+    "ADVANTAGE_SCALES": "grpo.advantages",
+    "group_advantages": "grpo.advantages",
+    "group_stats": "grpo.advantages",
+    "KL_ESTIMATORS": "grpo.kl",
+    "kl_divergence": "grpo.kl",
+    "token_entropy": "grpo.logprobs",
+    "token_logprobs": "grpo.logprobs",
+    "IMPORTANCE_LEVELS": "grpo.loss",
+    "LOSS_AGGREGATIONS": "grpo.loss",
+    "policy_loss": "grpo.loss",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'grpo' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

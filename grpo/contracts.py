@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,11 +159,27 @@ def read_table(path: str | Path, contract: Contract, *, allow_empty: bool = Fals
     return validate(table, contract, str(path))
 
 
+def temporary_prefix(path: Path) -> str:
+    """Temporaries of `path` are named .<name>.<random>.tmp beside it."""
+    return f".{path.name}."
+
+
+def remove_stale_temporaries(path: str | Path) -> list[Path]:
+    """Delete what a killed writer of `path` left behind (its .<name>.*.tmp files or folders). Stages run one
+    at a time per output (DVC's lock), so a temporary that exists when the writer starts is stale."""
+    path = Path(path)
+    stale = sorted(path.parent.glob(f"{temporary_prefix(path)}*.tmp")) if path.parent.exists() else []
+    for leftover in stale:
+        shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+    return stale
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Run write(tmp) on a temporary file beside `path`, fsync it, then rename it to `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temporaries(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=temporary_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:

@@ -11,11 +11,16 @@ DAPO's clip-higher (0.2 / 0.28).
 With mu = 1 update epoch, pi_old is pi_theta detached: rho == 1, the surrogate term's *value* is the mean
 advantage (0 over complete groups), so the loss value is just beta * KL, while its *gradient*
 A_i * grad log pi_theta is not zero. "loss is 0 but the model learns" is expected.
+
+Truncated importance sampling (TIS, against sampler/trainer mismatch) weights the surrogate only:
+
+    loss_it = -w_it * surrogate_it + beta * KL_it,    w_it = min(pi_old(o_it) / pi_sampler(o_it), C)
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
@@ -31,28 +36,30 @@ def _masked_sum(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
 
 
 # ---- aggregation over tokens: [B, T] per-token loss -> scalar ------------------------------------------
+#
+# Every aggregation is  loss = sum_{i,t} w_it * loss_it / N : per-token weights w (from the mask alone) and a
+# count N of `unit`s (sequences or tokens). Written this way, N can be the count of a whole minibatch (or of
+# every rank) while each micro-batch sums its own tokens: the micro-batch losses then add up to the
+# minibatch loss exactly, whatever the split.
 
 
-@LOSS_AGGREGATIONS.register("seq_mean_token_mean")
-def _seq_mean_token_mean(loss: torch.Tensor, mask: torch.Tensor, max_completion_tokens: Optional[int]) -> torch.Tensor:
-    # GRPO paper / TRL "grpo":  (1/B) sum_i (1/|o_i|) sum_t loss_it
-    per_seq = _masked_sum(loss, mask, -1) / mask.sum(-1).clamp(min=1)
-    return per_seq.mean()
+@dataclass(frozen=True)
+class Aggregation:
+    unit: str  # "sequence" or "token": what N counts
+    token_weights: Callable[[torch.Tensor, int], torch.Tensor]  # (mask [B, T], max_completion_tokens) -> w [B, T]
+
+    def count(self, mask: torch.Tensor) -> torch.Tensor:
+        """N of this batch alone: its sequences or its tokens."""
+        return mask.new_tensor(float(mask.shape[0])) if self.unit == "sequence" else mask.sum()
 
 
-@LOSS_AGGREGATIONS.register("token_mean")
-def _token_mean(loss: torch.Tensor, mask: torch.Tensor, max_completion_tokens: Optional[int]) -> torch.Tensor:
-    # DAPO / verl default:  sum_{i,t} loss_it / sum_i |o_i|
-    return _masked_sum(loss, mask) / mask.sum().clamp(min=1)
-
-
-@LOSS_AGGREGATIONS.register("seq_mean_token_sum_norm")
-def _seq_mean_token_sum_norm(
-    loss: torch.Tensor, mask: torch.Tensor, max_completion_tokens: Optional[int]
-) -> torch.Tensor:
-    # Dr. GRPO:  sum_{i,t} loss_it / (B * L_max), L_max a constant generation budget (default: T)
-    budget = max_completion_tokens if max_completion_tokens is not None else loss.shape[-1]
-    return _masked_sum(loss, mask) / (loss.shape[0] * budget)
+# GRPO paper / TRL "grpo":  (1/B) sum_i (1/|o_i|) sum_t loss_it
+LOSS_AGGREGATIONS.register("seq_mean_token_mean")(
+    Aggregation("sequence", lambda mask, budget: mask / mask.sum(-1, keepdim=True).clamp(min=1)))
+# DAPO / verl default:  sum_{i,t} loss_it / sum_i |o_i|
+LOSS_AGGREGATIONS.register("token_mean")(Aggregation("token", lambda mask, budget: mask))
+# Dr. GRPO:  sum_{i,t} loss_it / (B * L_max), L_max a constant generation budget
+LOSS_AGGREGATIONS.register("seq_mean_token_sum_norm")(Aggregation("sequence", lambda mask, budget: mask / budget))
 
 
 # ---- importance ratio level: log(rho) per token -------------------------------------------------------
@@ -85,10 +92,18 @@ def policy_loss(
     aggregation: str = "seq_mean_token_mean",
     importance: str = "token",
     max_completion_tokens: Optional[int] = None,
+    is_weights: Optional[torch.Tensor] = None,
+    num_units: Optional[float | torch.Tensor] = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Scalar loss to minimise, and detached statistics named as TRL logs them.
 
-    logprobs, old_logprobs, ref_logprobs, mask: [B, T]; advantages: [B].
+    logprobs, old_logprobs, ref_logprobs, mask (binary): [B, T]; advantages: [B].
+    is_weights: [B, T] truncated importance-sampling weights min(pi_old / pi_sampler, C); they multiply the
+        clipped surrogate of each token and nothing else (as TRL's `importance_sampling_ratio`): not the KL
+        term, not the mask, not the statistics.
+    num_units: N of the aggregation (sequences or tokens, LOSS_AGGREGATIONS[aggregation].unit) when this batch
+        is a part of a larger one (a micro-batch, a rank's share); default: this batch's own count.
+    max_completion_tokens: Dr. GRPO's constant L_max (default: T).
     """
     if logprobs.shape != old_logprobs.shape or logprobs.shape != mask.shape:
         raise ValueError(
@@ -97,6 +112,8 @@ def policy_loss(
         )
     if advantages.shape != logprobs.shape[:1]:
         raise ValueError(f"advantages must be [B]={logprobs.shape[0]}, got {tuple(advantages.shape)}")
+    if is_weights is not None and is_weights.shape != logprobs.shape:
+        raise ValueError(f"is_weights {tuple(is_weights.shape)} must have the [B, T] shape {tuple(logprobs.shape)}")
     aggregate = LOSS_AGGREGATIONS.get(aggregation)
     log_ratio_fn = IMPORTANCE_LEVELS.get(importance)
     clip_high = clip_low if clip_high is None else clip_high
@@ -106,7 +123,9 @@ def policy_loss(
     ratio = torch.exp(log_ratio_fn(logprobs, old_logprobs.detach(), mask))
     clipped_ratio = ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
     surrogate = torch.minimum(ratio * adv, clipped_ratio * adv)
-    per_token_loss = -surrogate
+    # TIS: w_it * surrogate_it (w from the frozen pi_old and the sampler: no gradient through it)
+    weighted_surrogate = surrogate if is_weights is None else surrogate * is_weights.detach().to(surrogate.dtype)
+    per_token_loss = -weighted_surrogate
 
     if ref_logprobs is not None:
         kl = kl_divergence(logprobs, ref_logprobs.detach(), estimator=kl_estimator)
@@ -115,7 +134,10 @@ def policy_loss(
     else:
         kl = None
 
-    loss = aggregate(per_token_loss, mask, max_completion_tokens)
+    # loss = sum_{i,t} w_it * loss_it / N
+    budget = max_completion_tokens if max_completion_tokens is not None else logprobs.shape[-1]
+    count = aggregate.count(mask) if num_units is None else torch.as_tensor(num_units, dtype=logprobs.dtype)
+    loss = (per_token_loss * aggregate.token_weights(mask, budget)).sum() / count.clamp(min=1)
 
     with torch.no_grad():
         n_tokens = mask.sum().clamp(min=1)
@@ -135,5 +157,6 @@ def policy_loss(
             "ratio_max": float(ratio.masked_fill(mask == 0, -torch.inf).max()) if mask.any() else 1.0,
             "surrogate": token_mean(surrogate),
             "loss": float(loss.detach()),
+            "num_tokens": float(mask.sum()),
         }
     return loss, stats

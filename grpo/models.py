@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from grpo.contracts import remove_stale_temporaries, temporary_prefix
 from grpo.errors import InputError
 
 EMBEDDED = "embedded"
@@ -60,7 +61,8 @@ def save_atomic(model, tokenizer, out_dir: str | Path, extra_files: dict[str, by
     """save_pretrained (safetensors) into a temporary sibling directory, then rename it into place."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    remove_stale_temporaries(out_dir)  # a killed earlier run's half-written checkpoint
+    tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(out_dir), suffix=".tmp", dir=out_dir.parent))
     tmp.chmod(0o755)  # mkdtemp makes it owner-only
     try:
         model.save_pretrained(tmp, safe_serialization=True)

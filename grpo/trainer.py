@@ -1,36 +1,37 @@
 """One GRPO policy update on a batch of scored, advantaged rollouts (no I/O, no orchestration).
 
-    for epoch in 1..mu:                               mu = optim.epochs
-        for minibatch (optim.minibatch_size completions, shuffled by a seeded RNG):
-            for micro-batch (gradient accumulation):
-                logp = log pi_theta(o_t | q, o_<t)   (bf16 autocast on CPU)
-                loss = grpo.policy_loss(logp, logp_old, A, mask, ref_logprobs=logp_ref, ...)
-            clip_grad_norm; AdamW step          (stop, no step, if the loss or a gradient is not finite)
+Read top to bottom:
 
-logp_old is logp detached when the batch is one optimizer step (mu = 1 and one minibatch: TRL's
+    precompute(...)        once, before the first step: log pi_ref (the frozen reference), log pi_old (the
+                           policy that sampled, as the trainer computes it), the sampler/trainer mismatch and
+                           the TIS weights min(pi_old / pi_sampler, C)
+    optimizer_step(...)    one minibatch: for each micro-batch, logp = log pi_theta(o_t | q, o_<t) and
+                           grpo.policy_loss(...) normalised by the minibatch's own count (sequences or tokens),
+                           backward; then clip_grad_norm and an AdamW step (none if the loss or a gradient is
+                           not finite)
+    grpo_update(...)       mu = optim.epochs passes, each over minibatches of a seeded shuffle
+
+pi_old is logp detached when the batch is one optimizer step (mu = 1 and one minibatch: TRL's
 num_iterations=1 with steps_per_generation=1); otherwise it is computed once, before the first step, and
 kept, so the clip bounds every later step to the policy that sampled (without it the ratio would stay 1
-and nothing would limit how far the minibatches after the first move the policy). logp_ref comes from the
-frozen reference model (the base), computed once.
+and nothing would limit how far the minibatches after the first move the policy).
 """
 
 from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
 
 from grpo.errors import NonFiniteError
 from grpo.logprobs import token_entropy, token_logprobs
-from grpo.loss import policy_loss
+from grpo.loss import LOSS_AGGREGATIONS, policy_loss
 
-# Which unit a micro-batch's share of the minibatch loss is counted in, per aggregation: the losses are
-# means over sequences, or (token_mean) over tokens; weighting each micro-batch by its share makes the
-# accumulated gradient that of the whole minibatch.
-AGGREGATION_UNIT = {"seq_mean_token_mean": "sequence", "token_mean": "token", "seq_mean_token_sum_norm": "sequence"}
+# per-step statistics averaged (token-weighted over micro-batches) into the iteration's metrics
+STEP_STATS = ("loss", "kl", "entropy", "clip_ratio_low", "clip_ratio_high", "clip_ratio", "ratio_mean")
 
 
 @dataclass
@@ -42,11 +43,12 @@ class Batch:
     attention_mask: torch.Tensor  # [B, P + L]
     position_ids: torch.Tensor  # [B, P + L]
     completion_ids: torch.Tensor  # [B, L]
-    completion_mask: torch.Tensor  # [B, L] float
+    completion_mask: torch.Tensor  # [B, L] float, 1 on real completion tokens
     prompt_width: int
 
 
-def collate(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]], pad_id: int) -> Batch:
+def collate(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]], pad_id: int,
+            device: torch.device | str = "cpu") -> Batch:
     p = max(len(x) for x in prompt_ids)
     l = max(max(len(x) for x in completion_ids), 1)
     b = len(prompt_ids)
@@ -56,21 +58,39 @@ def collate(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequen
         input_ids[i, p - len(prompt) : p] = torch.tensor(prompt, dtype=torch.long)
         input_ids[i, p : p + len(completion)] = torch.tensor(completion, dtype=torch.long)
         attention[i, p - len(prompt) : p + len(completion)] = 1
+    # positions count real tokens only, so a left-padded row sees the positions it would see unpadded
     position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
+    input_ids, attention, position_ids = (x.to(device) for x in (input_ids, attention, position_ids))
     return Batch(input_ids, attention, position_ids, input_ids[:, p:], attention[:, p:].float(), p)
 
 
-def completion_logprobs(model, batch: Batch, *, temperature: float, autocast: bool,
-                        with_entropy: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """log pi(o_t | q, o_<t) for every completion token, [B, L] float32 (and the entropy, no grad)."""
+def forward_logprobs(model, batch: Batch, *, temperature: float, autocast: bool,
+                     with_entropy: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The model's log pi(o_t | q, o_<t) for every completion token, [B, L] float32 (float64 for a float64
+    model), and the entropy of each next-token distribution (no grad) if asked."""
     width = batch.completion_ids.shape[1]
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    device_type = batch.input_ids.device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                     position_ids=batch.position_ids, logits_to_keep=width + 1, use_cache=False)
     logits = out.logits[:, :-1]  # position t predicts token t + 1
     logp = token_logprobs(logits, batch.completion_ids, temperature=temperature)
     entropy = token_entropy(logits, temperature=temperature) if with_entropy else None
     return logp, entropy
+
+
+@dataclass
+class Rollouts:
+    """The update's input, one entry per completion."""
+
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    advantages: torch.Tensor  # [N]
+    sampler_logprobs: Optional[list[list[float]]] = None  # the sampler's log-prob of each sampled token
+    in_loss: Optional[list[bool]] = None  # False: the completion's tokens are masked out of the loss
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
 
 
 @dataclass
@@ -83,6 +103,7 @@ class UpdateConfig:
     autocast: bool
     seed: int
     loss_kwargs: dict  # beta, clip_low, clip_high, kl_estimator, aggregation, importance, max_completion_tokens
+    pad_id: int = 0
     tis_cap: Optional[float] = None  # truncated importance sampling cap C (None = off)
     learning_rate: float = 1e-5
     warmup_steps: int = 0  # linear warm-up over the first optimizer steps of the whole run
@@ -96,113 +117,149 @@ class UpdateConfig:
         return self.learning_rate * min(1.0, (step + 1) / self.warmup_steps)
 
 
-def _weighted_mean(values: list[float], weights: list[float]) -> float:
-    return sum(v * w for v, w in zip(values, weights)) / max(sum(weights), 1e-12)
+@dataclass
+class Precomputed:
+    """Per-completion tensors fixed for the whole update (each [len(completion)], on the CPU)."""
+
+    ref_logprobs: Optional[list[torch.Tensor]]
+    old_logprobs: Optional[list[torch.Tensor]]
+    is_weights: Optional[list[torch.Tensor]]
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
-def grpo_update(policy, reference, optimizer, prompt_ids, completion_ids, advantages: torch.Tensor,
-                sampler_logprobs: Optional[Sequence[Sequence[float]]], pad_id: int, cfg: UpdateConfig,
-                progress: Callable[[int], None] = lambda n: None) -> dict[str, float]:
-    """Run mu epochs of minibatch updates; returns TRL-named metrics averaged over optimizer steps."""
-    n = len(prompt_ids)
-    micro_batches = [list(range(i, min(i + cfg.micro_batch_size, n))) for i in range(0, n, cfg.micro_batch_size)]
-    loss_kwargs = dict(cfg.loss_kwargs)
-    aggregation_unit = AGGREGATION_UNIT[loss_kwargs.get("aggregation", "seq_mean_token_mean")]
+def _padded(rows: list[torch.Tensor], idx: list[int], width: int, like: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros(len(idx), width, dtype=like.dtype, device=like.device)
+    for k, i in enumerate(idx):
+        out[k, : len(rows[i])] = rows[i]
+    return out
 
-    def batch_of(idx: list[int]) -> Batch:
-        return collate([prompt_ids[i] for i in idx], [completion_ids[i] for i in idx], pad_id)
 
-    # Fixed per-completion quantities, computed once before the first epoch.
-    ref_logp: dict[int, torch.Tensor] = {}
-    old_logp: dict[int, torch.Tensor] = {}
-    need_ref = loss_kwargs.get("beta", 0.0) != 0.0 and reference is not None
-    one_step = cfg.epochs == 1 and n <= cfg.minibatch_size
-    need_old = not one_step or sampler_logprobs is not None
-    if need_ref or need_old:
+def _micro_batches(indices: list[int], size: int) -> list[list[int]]:
+    return [indices[i : i + size] for i in range(0, len(indices), size)]
+
+
+def _completion_mask(batch: Batch, rollouts: Rollouts, idx: list[int]) -> torch.Tensor:
+    mask = batch.completion_mask
+    if rollouts.in_loss is not None:
+        keep = torch.tensor([float(rollouts.in_loss[i]) for i in idx], device=mask.device)
+        mask = mask * keep[:, None]
+    return mask
+
+
+def precompute(policy, reference, rollouts: Rollouts, cfg: UpdateConfig, needs_old: bool,
+               device: torch.device | str = "cpu") -> Precomputed:
+    """log pi_ref and log pi_old of every sampled token, the sampler mismatch and the TIS weights."""
+    n = len(rollouts)
+    needs_ref = reference is not None and cfg.loss_kwargs.get("beta", 0.0) != 0.0
+    needs_old = needs_old or rollouts.sampler_logprobs is not None
+    ref: list[Optional[torch.Tensor]] = [None] * n
+    old: list[Optional[torch.Tensor]] = [None] * n
+    if needs_ref or needs_old:
         with torch.no_grad():
-            for idx in micro_batches:
-                batch = batch_of(idx)
-                if need_ref:
-                    lp, _ = completion_logprobs(reference, batch, temperature=cfg.temperature, autocast=cfg.autocast)
-                    ref_logp.update({i: lp[k, : len(completion_ids[i])] for k, i in enumerate(idx)})
-                if need_old:
-                    lp, _ = completion_logprobs(policy, batch, temperature=cfg.temperature, autocast=cfg.autocast)
-                    old_logp.update({i: lp[k, : len(completion_ids[i])] for k, i in enumerate(idx)})
-
-    def padded(store: dict[int, torch.Tensor], idx: list[int], width: int) -> torch.Tensor:
-        out = torch.zeros(len(idx), width)
-        for k, i in enumerate(idx):
-            out[k, : len(store[i])] = store[i]
-        return out
-
-    metrics: dict[str, list[float]] = {}
-
-    def record(name: str, value: float, weight: float = 1.0):
-        metrics.setdefault(name, []).append((value, weight))
-
-    # Sampler / trainer mismatch: how far the trainer's log-probs of the sampled tokens are from the sampler's.
-    tis_weights: dict[int, torch.Tensor] = {}
-    if sampler_logprobs is not None:
-        diffs = torch.cat([(old_logp[i] - torch.tensor(sampler_logprobs[i], dtype=torch.float32)).abs() for i in range(n)])
-        record("sampling/logp_diff_mean", float(diffs.mean()) if diffs.numel() else 0.0)
-        record("sampling/logp_diff_max", float(diffs.max()) if diffs.numel() else 0.0)
+            for idx in _micro_batches(list(range(n)), cfg.micro_batch_size):
+                batch = collate([rollouts.prompt_ids[i] for i in idx], [rollouts.completion_ids[i] for i in idx],
+                                cfg.pad_id, device)
+                for model, store, wanted in ((reference, ref, needs_ref), (policy, old, needs_old)):
+                    if wanted:
+                        lp, _ = forward_logprobs(model, batch, temperature=cfg.temperature, autocast=cfg.autocast)
+                        for k, i in enumerate(idx):
+                            store[i] = lp[k, : len(rollouts.completion_ids[i])].cpu()
+    out = Precomputed(ref if needs_ref else None, old if needs_old else None, None)
+    if rollouts.sampler_logprobs is not None:
+        # Sampler / trainer mismatch: the trainer's log-probs of the sampled tokens against the sampler's.
+        sampler = [torch.tensor(rollouts.sampler_logprobs[i], dtype=old[i].dtype) for i in range(n)]
+        diffs = torch.cat([(old[i] - sampler[i]).abs() for i in range(n)])
+        out.metrics["sampling/logp_diff_mean"] = float(diffs.mean()) if diffs.numel() else 0.0
+        out.metrics["sampling/logp_diff_max"] = float(diffs.max()) if diffs.numel() else 0.0
         if cfg.tis_cap is not None:
             # truncated importance sampling: w_t = min(pi_old(o_t) / pi_sampler(o_t), C)
-            for i in range(n):
-                tis_weights[i] = torch.exp(old_logp[i] - torch.tensor(sampler_logprobs[i])).clamp(max=cfg.tis_cap)
-            all_w = torch.cat(list(tis_weights.values()))
-            record("sampling/is_weight_min", float(all_w.min()))
-            record("sampling/is_weight_mean", float(all_w.mean()))
-            record("sampling/is_weight_max", float(all_w.max()))
+            out.is_weights = [torch.exp(old[i] - sampler[i]).clamp(max=cfg.tis_cap) for i in range(n)]
+            weights = torch.cat(out.is_weights)
+            if weights.numel():
+                out.metrics.update({"sampling/is_weight_min": float(weights.min()),
+                                    "sampling/is_weight_mean": float(weights.mean()),
+                                    "sampling/is_weight_max": float(weights.max())})
+    return out
 
+
+def optimizer_step(policy, optimizer, rollouts: Rollouts, minibatch: list[int], fixed: Precomputed,
+                   cfg: UpdateConfig, lr: float, *, device: torch.device | str = "cpu",
+                   progress: Callable[[int], None] = lambda n: None) -> dict[str, float]:
+    """Accumulate the gradient of one minibatch over its micro-batches, clip it, take one AdamW step.
+
+    Every micro-batch's loss is normalised by the minibatch's count N (its sequences, or its tokens for
+    token_mean), so the micro-batch losses, and their gradients, add up to the minibatch's exactly."""
+    aggregation = LOSS_AGGREGATIONS.get(cfg.loss_kwargs.get("aggregation", "seq_mean_token_mean"))
+    micro = _micro_batches(minibatch, cfg.micro_batch_size)
+    batches = [collate([rollouts.prompt_ids[i] for i in idx], [rollouts.completion_ids[i] for i in idx], cfg.pad_id,
+                       device) for idx in micro]
+    masks = [_completion_mask(b, rollouts, idx) for b, idx in zip(batches, micro)]
+    num_units = sum(float(aggregation.count(m)) for m in masks)
+    optimizer.zero_grad(set_to_none=True)
+    totals: dict[str, float] = {name: 0.0 for name in STEP_STATS}
+    tokens = 0.0
+    for idx, batch, mask in zip(micro, batches, masks):
+        width = batch.completion_ids.shape[1]
+        logp, entropy = forward_logprobs(policy, batch, temperature=cfg.temperature, autocast=cfg.autocast,
+                                         with_entropy=True)
+        old = logp.detach() if fixed.old_logprobs is None else _padded(fixed.old_logprobs, idx, width, logp)
+        ref = None if fixed.ref_logprobs is None else _padded(fixed.ref_logprobs, idx, width, logp)
+        weights = None if fixed.is_weights is None else _padded(fixed.is_weights, idx, width, logp)
+        loss, stats = policy_loss(logp, old, rollouts.advantages[idx].to(logp), mask.to(logp), ref_logprobs=ref,
+                                  is_weights=weights, num_units=num_units, **cfg.loss_kwargs)
+        if not torch.isfinite(loss):
+            raise NonFiniteError(f"loss is {float(loss.detach())}; lower optim.learning_rate or check the rollouts")
+        loss.backward()
+        stats["entropy"] = float((entropy * mask).sum() / mask.sum().clamp(min=1))
+        # the step's loss is the sum of its micro-batch losses; the rest are token means
+        totals["loss"] += stats["loss"]
+        for name in STEP_STATS[1:]:
+            totals[name] += stats[name] * stats["num_tokens"]
+        tokens += stats["num_tokens"]
+        progress(len(idx))
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm))
+    if not math.isfinite(grad_norm):
+        raise NonFiniteError(f"gradient norm is {grad_norm}; lower optim.learning_rate or check the rollouts")
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    step = {name: totals[name] / max(tokens, 1.0) for name in STEP_STATS[1:]}
+    step.update(loss=totals["loss"], grad_norm=grad_norm, learning_rate=lr)
+    return step
+
+
+@dataclass
+class UpdateResult:
+    metrics: dict[str, float]  # TRL-named, averaged over optimizer steps
+    steps: list[dict[str, float]]  # one entry per optimizer step, in order
+
+
+def grpo_update(policy, reference, optimizer, rollouts: Rollouts, cfg: UpdateConfig, *,
+                device: torch.device | str = "cpu", progress: Callable[[int], None] = lambda n: None) -> UpdateResult:
+    """mu epochs of minibatch updates over `rollouts`; the optimizer's state carries the run's history."""
+    n = len(rollouts)
+    one_step = cfg.epochs == 1 and n <= cfg.minibatch_size
+    fixed = precompute(policy, reference, rollouts, cfg, needs_old=not one_step, device=device)
+    if one_step:
+        fixed.old_logprobs = None  # pi_old = pi_theta detached (the same weights, no second forward)
     rng = random.Random(cfg.seed)
-    step = 0
-    for epoch in range(cfg.epochs):
+    steps: list[dict[str, float]] = []
+    for _ in range(cfg.epochs):
         order = list(range(n))
         rng.shuffle(order)
-        for start in range(0, n, cfg.minibatch_size):
-            minibatch = order[start : start + cfg.minibatch_size]
-            optimizer.zero_grad(set_to_none=True)
-            total_tokens = sum(max(len(completion_ids[i]), 1) for i in minibatch)
-            step_stats: list[tuple[dict, float]] = []
-            for m in range(0, len(minibatch), cfg.micro_batch_size):
-                idx = minibatch[m : m + cfg.micro_batch_size]
-                batch = batch_of(idx)
-                width = batch.completion_ids.shape[1]
-                logp, entropy = completion_logprobs(policy, batch, temperature=cfg.temperature,
-                                                    autocast=cfg.autocast, with_entropy=True)
-                old = logp.detach() if one_step else padded(old_logp, idx, width)
-                ref = padded(ref_logp, idx, width) if need_ref else None
-                mask = batch.completion_mask
-                if tis_weights:
-                    # the per-token IS weight multiplies the mask: it scales each token's loss and gradient
-                    mask = mask * padded(tis_weights, idx, width)
-                loss, stats = policy_loss(logp, old, advantages[idx].float(), mask, ref_logprobs=ref, **loss_kwargs)
-                if not torch.isfinite(loss):
-                    raise NonFiniteError(f"loss is {float(loss)} at epoch {epoch + 1}, step {step + 1}")
-                share = (len(idx) / len(minibatch) if aggregation_unit == "sequence"
-                         else float(batch.completion_mask.sum()) / total_tokens)
-                (loss * share).backward()
-                stats["entropy"] = float((entropy * batch.completion_mask).sum() / batch.completion_mask.sum().clamp(min=1))
-                step_stats.append((stats, share))
-                progress(len(idx))
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm))
-            if not math.isfinite(grad_norm):
-                raise NonFiniteError(f"gradient norm is {grad_norm} at epoch {epoch + 1}, step {step + 1}")
-            lr = cfg.lr_at(cfg.start_step + step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.step()
-            step += 1
-            for name in ("loss", "kl", "entropy", "clip_ratio_low", "clip_ratio_high", "clip_ratio", "ratio_mean"):
-                record(name, _weighted_mean([s[name] for s, _ in step_stats], [w for _, w in step_stats]))
-            record("grad_norm", grad_norm)
-            record("learning_rate", lr)
-
-    out = {name: _weighted_mean([v for v, _ in vals], [w for _, w in vals]) for name, vals in metrics.items()}
+        for minibatch in _micro_batches(order, cfg.minibatch_size):
+            lr = cfg.lr_at(cfg.start_step + len(steps))
+            try:
+                steps.append(optimizer_step(policy, optimizer, rollouts, minibatch, fixed, cfg, lr, device=device,
+                                            progress=progress))
+            except NonFiniteError as e:
+                raise NonFiniteError(f"update step {len(steps) + 1}: {e}") from None
+    metrics = {name: sum(s[name] for s in steps) / max(len(steps), 1) for name in steps[0]} if steps else {}
+    metrics.update(fixed.metrics)
     # TRL's names for the clip statistics
     for ours, trl in (("clip_ratio_low", "clip_ratio/low_mean"), ("clip_ratio_high", "clip_ratio/high_mean"),
                       ("clip_ratio", "clip_ratio/region_mean")):
-        out[trl] = out.pop(ours)
-    out["optimizer_steps"] = step
-    return out
+        if ours in metrics:
+            metrics[trl] = metrics.pop(ours)
+    metrics["optimizer_steps"] = len(steps)
+    return UpdateResult(metrics, steps)

@@ -13,6 +13,7 @@ from grpo.errors import InputError
 from grpo.config import load_params
 from grpo.contracts import PROMPTS, atomic_write, read_table
 from grpo.generation import SamplingSpec, make_backend, select_backend
+from grpo.rewards import RewardSettings, Sample
 from grpo.scoring import score_completions
 from pipeline.generate import backend_options
 from pipeline.stage import iteration_parser, read_json, run, stage, write_json
@@ -44,21 +45,30 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             backend.close()
         completions = [g.completions[0] for g in groups]
-        scores = score_completions([c.text for c in completions], held_out["ground_truth"].tolist(),
-                                   {"correctness": 1.0, "format": 1.0})
+        samples = [Sample(c.text, truth, len(c.token_ids), c.finish_reason)
+                   for c, truth in zip(completions, held_out["ground_truth"])]
+        # accuracy as the training reward counts it (reward.strict_answer), and leniently for comparison
+        settings = {strict: RewardSettings(strict, e.max_new_tokens, params.reward.overlong_buffer)
+                    for strict in (True, False)}
+        scores = {strict: score_completions(samples, {"correctness": 1.0, "format": 1.0}, settings[strict])
+                  for strict in (True, False)}
+        strict = params.reward.strict_answer
         results = pd.DataFrame({
             "iteration": k, "prompt_id": held_out["prompt_id"].to_numpy(), "question": held_out["question"].to_numpy(),
             "ground_truth": held_out["ground_truth"].to_numpy(), "completion": [c.text for c in completions],
             "completion_tokens": [len(c.token_ids) for c in completions],
             "finish_reason": [c.finish_reason for c in completions],
-            "correct": [v == 1.0 for v in scores["reward_correctness"]],
-            "format_ok": [v == 1.0 for v in scores["reward_format"]],
+            "correct": [v == 1.0 for v in scores[strict]["reward_correctness"]],
+            "correct_lenient": [v == 1.0 for v in scores[False]["reward_correctness"]],
+            "format_ok": [v == 1.0 for v in scores[True]["reward_format"]],
             "policy": read_json(f"{args.policy}/checkpoint.json")["policy"],
         })
         atomic_write(args.out, lambda tmp: results.to_parquet(tmp, index=False))
         metrics = {
             "iteration": k, "eval/accuracy": float(results["correct"].mean()),
+            "eval/accuracy_lenient": float(results["correct_lenient"].mean()),
             "eval/format_rate": float(results["format_ok"].mean()),
+            "eval/truncated_ratio": float((results["finish_reason"] == "length").mean()),
             "eval/mean_length": float(results["completion_tokens"].mean()), "eval/num_problems": int(len(results)),
             "time/evaluate_seconds": seconds,
         }

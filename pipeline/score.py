@@ -12,7 +12,7 @@ import pyarrow as pa
 from grpo.config import load_params
 from grpo.contracts import ROLLOUTS, SCORED, read_table, write_table
 from grpo.metrics import reward_metrics
-from grpo.scoring import score_completions
+from grpo.scoring import reward_settings, samples_from_table, score_completions
 from pipeline.stage import iteration_parser, run, stage, write_json
 
 
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         table = read_table(args.rollouts, ROLLOUTS)
         weights = params.reward.weights
-        columns = score_completions(table["completion"].to_pylist(), table["ground_truth"].to_pylist(), weights)
+        columns = score_completions(samples_from_table(table), weights, reward_settings(params))
         for name, values in columns.items():
             dtype = pa.string() if name == "reward_error" else pa.float64()
             table = table.append_column(pa.field(name, dtype, nullable=name == "reward_error"), pa.array(values, dtype))

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from grpo.config import load_params
 from grpo.contracts import ADVANTAGES, read_table
 from grpo.models import load_checkpoint, save_atomic
-from grpo.trainer import UpdateConfig, grpo_update
+from grpo.trainer import Rollouts, UpdateConfig, grpo_update
 from pipeline.stage import iteration_parser, run, stage, write_json
 
 OPTIMIZER_FILE = "optimizer.pt"  # AdamW state_dict: torch.load(path, weights_only=True)
@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> None:
         cfg = UpdateConfig(
             epochs=o.epochs, minibatch_size=o.minibatch_size, micro_batch_size=o.micro_batch_size,
             max_grad_norm=o.max_grad_norm, temperature=params.rollout.temperature, autocast=o.bf16,
-            seed=params.train.seed * 1_000_003 + k, tis_cap=lcfg.tis_cap if lcfg.tis else None,
+            seed=params.train.seed * 1_000_003 + k, pad_id=tokenizer.pad_token_id,
+            tis_cap=lcfg.tis_cap if lcfg.tis else None,
             learning_rate=o.learning_rate, warmup_steps=o.warmup_steps, start_step=global_step,
             loss_kwargs=dict(beta=lcfg.beta, clip_low=lcfg.clip_low, clip_high=lcfg.clip_high,
                              kl_estimator=lcfg.kl_estimator, aggregation=lcfg.aggregation, importance=lcfg.importance,
@@ -60,13 +61,20 @@ def main(argv: list[str] | None = None) -> None:
         )
         metrics = {}
         if len(table):
-            bar = tqdm(total=len(table) * o.epochs, desc=f"update@{k}", unit="completion")
-            metrics = grpo_update(
-                policy, reference, optimizer, table["prompt_token_ids"].map(list).tolist(),
-                table["completion_token_ids"].map(list).tolist(), torch.tensor(table["advantage"].to_numpy()),
-                table["completion_logprobs"].map(list).tolist(), tokenizer.pad_token_id, cfg, progress=bar.update,
+            rollouts = Rollouts(
+                prompt_ids=table["prompt_token_ids"].map(list).tolist(),
+                completion_ids=table["completion_token_ids"].map(list).tolist(),
+                advantages=torch.tensor(table["advantage"].to_numpy()),
+                sampler_logprobs=table["completion_logprobs"].map(list).tolist(),
+                # TRL's mask_truncated_completions: a completion cut at max_new_tokens teaches nothing about
+                # how to finish; it keeps its place in its group's advantage but leaves the loss
+                in_loss=(table["finish_reason"] != "length").tolist() if lcfg.mask_truncated_completions else None,
             )
+            bar = tqdm(total=len(table) * o.epochs, desc=f"update@{k}", unit="completion")
+            metrics = grpo_update(policy, reference, optimizer, rollouts, cfg, progress=bar.update).metrics
             bar.close()
+            if lcfg.mask_truncated_completions:
+                metrics["num_truncated_masked"] = int((table["finish_reason"] == "length").sum())
         global_step += metrics.get("optimizer_steps", 0)
         trainer_state = {"iteration": k, "global_step": global_step,
                          "torch_rng_state": torch.get_rng_state()}

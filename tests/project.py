@@ -39,8 +39,9 @@ def make_project(dest: Path, params: dict) -> Path:
         elif src.exists():
             shutil.copy2(src, dest / name)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"]):
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"]):
         subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
+    shutil.copy2(ROOT / ".dvc/config", dest / ".dvc/config")  # the project's cache settings (linked outputs)
     return dest
 
 

@@ -4,6 +4,7 @@ import pytest
 import yaml
 
 from grpo.config import ConfigError, Params, load_params, params_from_dict, params_to_dict
+from grpo.variants import check_variant_names
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,7 +27,7 @@ def _write(tmp_path, edit):
 def _error(tmp_path, edit) -> str:
     path = _write(tmp_path, edit)
     with pytest.raises(ConfigError) as info:
-        load_params(path)
+        check_variant_names(load_params(path), str(path))  # what check-inputs runs
     message = str(info.value)
     assert "\n" not in message
     assert str(path) in message
@@ -43,7 +44,7 @@ def _error(tmp_path, edit) -> str:
         ("loss", "kl_estimator", "k4", ["loss.kl_estimator = 'k4'", "one of k1, k2, k3"]),
         ("loss", "clip_low", 1.5, ["loss.clip_low = 1.5", "(0, 1)"]),
         ("loss", "clip_low", 0, ["loss.clip_low = 0", "(0, 1)"]),
-        ("advantage", "scale", "grp", ["advantage.scale = 'grp'", "batch, group, none"]),
+        ("advantage", "scale", "grp", ["advantage.scale = 'grp'", "one of batch, group, none"]),
         ("rollout", "backend", "tgi", ["rollout.backend = 'tgi'", "auto, hf, vllm"]),
         ("rollout", "group_size", 2.5, ["rollout.group_size = 2.5", "an integer"]),
     ],
@@ -56,7 +57,7 @@ def test_bad_values_name_key_value_and_allowed(tmp_path, section, key, value, fr
 
 def test_unknown_reward_name(tmp_path):
     message = _error(tmp_path, lambda d: d["reward"]["weights"].__setitem__("corectness", 1.0))
-    assert "reward.weights.corectness = 1.0" in message and "correctness, format" in message
+    assert "reward.weights.corectness = 1.0" in message and "one of correctness, format, overlong" in message
 
 
 def test_misspelled_key_suggests_the_right_one(tmp_path):
@@ -83,13 +84,20 @@ def test_cross_field_rule(tmp_path):
 
 
 def test_yaml_exponent_without_dot_is_read_as_a_number():
-    data = params_to_dict(Params())
+    data = params_to_dict(load_params(ROOT / "params.yaml"))
     data["optim"]["learning_rate"] = "3e-5"  # what YAML 1.1 gives for `3e-5`
     assert params_from_dict(data).optim.learning_rate == pytest.approx(3e-5)
 
 
-def test_round_trip_defaults():
-    assert params_from_dict(params_to_dict(Params())) == Params()
+def test_round_trip():
+    params = load_params(ROOT / "params.yaml")
+    assert params_from_dict(params_to_dict(params)) == params
+
+
+def test_params_yaml_is_the_one_source_of_values():
+    # no second set of defaults in code that could contradict params.yaml
+    with pytest.raises(TypeError):
+        Params()
 
 
 def test_missing_file(tmp_path):

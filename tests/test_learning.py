@@ -11,18 +11,18 @@ from grpo.advantages import group_advantages
 from grpo.generation import HFBackend, SamplingSpec, request_seed
 from grpo.metrics import reward_metrics
 from grpo.models import load_checkpoint
-from grpo.rewards import REWARD_FUNCTIONS
+from grpo.rewards import REWARD_FUNCTIONS, RewardSettings, Sample
 from grpo.scoring import score_completions
-from grpo.trainer import UpdateConfig, grpo_update
+from grpo.trainer import Rollouts, UpdateConfig, grpo_update
 
 pytestmark = pytest.mark.slow
 
 VOWELS = "aeiouAEIOU"
 
 
-def starts_with_vowel(completion: str, ground_truth: str) -> float:
+def starts_with_vowel(sample: Sample, settings: RewardSettings) -> float:
     """Toy reward: the completion's first letter is a vowel (~1 in 4 for the peaked tiny model)."""
-    letters = [ch for ch in completion if ch.isalpha()]
+    letters = [ch for ch in sample.completion if ch.isalpha()]
     return 1.0 if letters and letters[0] in VOWELS else 0.0
 
 
@@ -41,21 +41,22 @@ def test_grpo_loop_raises_a_learnable_reward(peaked_tiny_model_dir):
     prompts = [f"Question {i}: say something." for i in range(8)]
     sampling = SamplingSpec(n=8, temperature=1.0, top_p=1.0, max_new_tokens=3)
     cfg = UpdateConfig(epochs=1, minibatch_size=32, micro_batch_size=16, max_grad_norm=1.0, temperature=1.0,
-                       autocast=False, seed=0, learning_rate=3e-3,
+                       autocast=False, seed=0, learning_rate=3e-3, pad_id=tokenizer.pad_token_id,
                        loss_kwargs=dict(beta=0.0, clip_low=0.2, aggregation="seq_mean_token_mean"))
     rewards_per_iteration = []
     for k in range(1, 9):
         policy.eval()
         groups = backend.generate(prompts, sampling, [request_seed(0, k, p) for p in prompts], progress=False)
         flat = [(i, c) for i, g in enumerate(groups) for c in g.completions]
-        scores = score_completions([c.text for _, c in flat], [""] * len(flat), {"toy_vowel": 1.0})
+        samples = [Sample(c.text, "", len(c.token_ids), c.finish_reason) for _, c in flat]
+        scores = score_completions(samples, {"toy_vowel": 1.0}, RewardSettings(True, 3, 1))
         rewards = torch.tensor(scores["reward"], dtype=torch.float64)
         rewards_per_iteration.append(float(rewards.mean()))
         adv = group_advantages(rewards, [i for i, _ in flat])
         policy.train()
-        metrics = grpo_update(policy, reference, optimizer, [groups[i].prompt_token_ids for i, _ in flat],
-                              [c.token_ids for _, c in flat], adv, [c.logprobs for _, c in flat],
-                              tokenizer.pad_token_id, cfg)
+        rollouts = Rollouts([groups[i].prompt_token_ids for i, _ in flat], [c.token_ids for _, c in flat], adv,
+                            [c.logprobs for _, c in flat])
+        metrics = grpo_update(policy, reference, optimizer, rollouts, cfg).metrics
         assert metrics["optimizer_steps"] == 2
         # the HF sampler and the trainer agree on the sampled tokens' log-probs (same model, float32)
         assert metrics["sampling/logp_diff_max"] < 1e-3

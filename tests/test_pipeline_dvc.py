@@ -66,6 +66,13 @@ def test_repro_writes_every_output_valid_against_its_contract(finished_project):
     assert "eval/accuracy" in shown and "rewards/correctness/mean" in shown
 
 
+def test_outputs_are_links_into_the_cache_not_copies(finished_project):
+    files = [f for f in (finished_project / "data").rglob("*") if f.is_file() and "raw" not in f.parts]
+    assert any("checkpoints" in f.parts for f in files)
+    copies = [str(f) for f in files if not f.is_symlink() and f.stat().st_nlink < 2]
+    assert not copies, f"outputs copied instead of linked to the cache: {copies[:5]}"
+
+
 def test_second_repro_runs_nothing(finished_project):
     out = dvc(finished_project, "repro").stdout
     assert "Running stage" not in out, out
@@ -103,9 +110,15 @@ def test_killed_stage_then_repro_reproduces_the_uninterrupted_run(finished_proje
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (project / "data/checkpoints/2").exists()
-    # resume: a stale lock from the killed run must not block it
-    (project / ".dvc/tmp/rwlock").unlink(missing_ok=True)
+    # what a writer killed mid-write leaves: its temporaries beside the output (the kill above may or may not
+    # have hit one; these make sure there are some)
+    (project / "data/checkpoints/.2.killed.tmp").mkdir()
+    (project / "data/checkpoints/.2.killed.tmp/model.safetensors").write_bytes(b"half a checkpoint")
+    (project / "data/rollouts/.2.parquet.killed.tmp").write_bytes(b"half a table")
+    # resume with no manual step: DVC's lock of the killed run is stale (its PID is gone), and each stage
+    # removes the temporaries of its own outputs before writing them
     dvc(project, "repro")
+    assert not list((project / "data").rglob("*.tmp")), "temporaries of the killed run are left"
     for rel in ("data/rollouts/1.parquet", "data/rollouts/2.parquet"):
         a = pd.read_parquet(project / rel)
         b = pd.read_parquet(finished_project / rel)
