@@ -1,6 +1,6 @@
 """Stage prepare-model: the base policy (model.source) saved as safetensors + tokenizer + chat template.
 
-    python -m pipeline.prepare_model --params params.yaml --out data/models/base
+    python -m pipeline.prepare_model --params params.yaml --out data/checkpoints/0
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pipeline.stage import run, stage
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--out", default="data/models/base")
+    parser.add_argument("--out", default="data/checkpoints/0")
     args = parser.parse_args(argv)
     params = load_params(args.params)
     with stage("prepare-model", reads=[params.model.source], writes=[args.out]) as log:

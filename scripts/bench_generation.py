@@ -1,6 +1,6 @@
 """Generation throughput of the rollout backends: vLLM vs transformers on the same prompts and group size.
 
-    python scripts/bench_generation.py                                   # data/models/base, 8 prompts x G=8 x 48
+    python scripts/bench_generation.py                                   # data/checkpoints/0, 8 prompts x G=8 x 48
     python scripts/bench_generation.py --model /tmp/base --prompts 16 --group-size 8 --max-new-tokens 64
     python scripts/bench_generation.py --backends vllm                   # one backend only
 
@@ -92,7 +92,7 @@ def _worker_threads(pids: list[int]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="data/models/base", help="checkpoint directory (prepare-model output)")
+    parser.add_argument("--model", default="data/checkpoints/0", help="checkpoint directory (prepare-model output)")
     parser.add_argument("--prompts", type=int, default=8, help="number of synthetic prompts")
     parser.add_argument("--group-size", type=int, default=8, help="completions per prompt (G)")
     parser.add_argument("--max-new-tokens", type=int, default=48)
