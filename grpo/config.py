@@ -189,7 +189,7 @@ def _cross_field_checks(p: Params) -> list[tuple[str, Any, str]]:
     if p.train.iterations != expected:
         got = ", ".join(f"{k}: {v}" for k, v in p.train.iterations.items())
         bad.append(("train.iterations", "{" + got + "}", f"consecutive entries 1: 0, 2: 1, ..., {len(expected)}: {len(expected) - 1}"))
-    if p.reward.overlong_buffer > p.rollout.max_new_tokens:
+    if "overlong" in p.reward.weights and p.reward.overlong_buffer > p.rollout.max_new_tokens:
         bad.append(("reward.overlong_buffer", p.reward.overlong_buffer,
                     f"an integer <= rollout.max_new_tokens ({p.rollout.max_new_tokens})"))
     if p.optim.minibatch_size % p.optim.micro_batch_size:

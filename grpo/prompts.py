@@ -1,16 +1,23 @@
-"""Prompt sources: synthetic arithmetic word problems (deterministic from a seed), GSM8K-format JSONL, and
-any JSONL/Parquet with configurable question and answer columns. Rows follow the PROMPTS contract."""
+"""Prompts: synthetic arithmetic word problems (deterministic from a seed) or a validated prompts file
+(grpo.prompt_files), rendered with the model's chat template, without the prompts too long for the model's
+context, split into train and held-out eval. Rows follow the PROMPTS contract.
+
+skip_too_long (prepare-prompts: it needs the model's tokenizer) drops the prompts that do not fit the model's
+context together with the longest generation (rollout or eval max_new_tokens), before the train/eval split;
+prepare-prompts writes them to a JSONL file of skipped rows.
+"""
+
 
 from __future__ import annotations
 
 import hashlib
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
-
-from grpo.rewards import gsm8k_ground_truth
+from grpo.errors import InputError
+from grpo.prompt_files import PromptFile, read_prompts_source, split_rows
 
 ANSWER_INSTRUCTION = "Give the final answer on the last line as: #### <number>"
 
@@ -57,7 +64,7 @@ def synthetic_rows(seed: int, num_train: int, num_eval: int, min_operand: int, m
         while made < count:
             attempts += 1
             if attempts > 50 * count + 1000:
-                raise ValueError(
+                raise InputError(
                     f"prompts: cannot make {count} distinct {split} problems with operands in "
                     f"[{min_operand}, {max_operand}]; widen the range or ask for fewer"
                 )
@@ -71,43 +78,92 @@ def synthetic_rows(seed: int, num_train: int, num_eval: int, min_operand: int, m
     return rows
 
 
-def read_records(path: str | Path) -> pd.DataFrame:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: prompts file not found (prompts.path)")
-    if path.suffix == ".parquet":
-        return pd.read_parquet(path)
-    if path.suffix in (".jsonl", ".json"):
-        return pd.read_json(path, lines=path.suffix == ".jsonl", dtype=False)
-    raise ValueError(f"{path}: unsupported prompts file type {path.suffix!r}; expected .jsonl or .parquet")
+# ------------------------------------------------------------------------------------ prompt length
 
 
-def file_rows(path: str | Path, question_column: str, answer_column: str, seed: int, num_train: int,
-              num_eval: int, data_source: str) -> list[dict]:
-    """Rows from a JSONL/Parquet file: shuffled with the seed, the first num_eval held out for eval."""
-    path = Path(path)
-    df = read_records(path)
-    if df.empty:
-        raise ValueError(f"{path}: the prompts file has no rows")
-    for key, column in (("prompts.question_column", question_column), ("prompts.answer_column", answer_column)):
-        if column not in df.columns:
-            raise ValueError(f"{path}: column {column!r} not found ({key}); columns: {', '.join(map(str, df.columns))}")
-    if len(df) < 2:
-        raise ValueError(f"{path}: needs at least 2 rows (one train, one eval), has {len(df)}")
-    order = list(range(len(df)))
-    random.Random(seed).shuffle(order)
-    n_eval = min(num_eval, len(df) - 1)
-    rows = []
-    for rank, i in enumerate(order[: n_eval + num_train]):
-        question, answer = df[question_column].iloc[i], df[answer_column].iloc[i]
-        if question is None or answer is None or str(question).strip() == "":
-            raise ValueError(f"{path}: row {i} has an empty {question_column!r} or {answer_column!r}")
-        answer = str(answer)
-        ground_truth = gsm8k_ground_truth(answer) if "####" in answer else answer.strip()
-        rows.append({"split": "eval" if rank < n_eval else "train", "data_source": data_source,
-                     "question": str(question), "ground_truth": ground_truth,
-                     "metadata": json.dumps({"row": int(i), "source_file": path.name})})
-    return rows
+def context_limit(max_position_embeddings: int | None, backend: str, vllm_max_model_len: int) -> int:
+    """Tokens a prompt plus its completion may take: the model's max_position_embeddings, capped by vLLM's
+    max_model_len when vLLM may run the rollouts (backend vllm, or auto, which picks vLLM on a CUDA machine:
+    capping there too keeps the prompts the same on every machine)."""
+    if backend in ("vllm", "auto"):
+        return min(max_position_embeddings, vllm_max_model_len) if max_position_embeddings else vllm_max_model_len
+    if not max_position_embeddings:
+        raise InputError("the model's config has no max_position_embeddings; cannot check the prompts' length")
+    return max_position_embeddings
+
+
+def model_context(model_dir: str | Path, backend: str, vllm_max_model_len: int) -> int:
+    """context_limit for the model in model_dir (its config's max_position_embeddings)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    n = getattr(config, "max_position_embeddings", None)
+    if n is None and hasattr(config, "get_text_config"):
+        n = getattr(config.get_text_config(), "max_position_embeddings", None)
+    try:
+        return context_limit(n, backend, vllm_max_model_len)
+    except InputError as e:
+        raise InputError(f"{model_dir}: {e}") from None
+
+
+def skip_too_long(rows: list[dict], tokenizer, system_prompt: str, *, context: int, max_new_tokens: int,
+                  source: str | Path = "", source_file: str | None = None) -> tuple[list[dict], list[dict]]:
+    """Render each row's prompt (render_prompt) and count its tokens (add_special_tokens=False). Returns (the
+    rows whose prompt tokens + max_new_tokens fit in `context`, each with its "prompt" set; one record per
+    skipped row: its source line/row, the question, its token count and the limit). InputError when nothing
+    fits."""
+    limit = context - max_new_tokens
+    if limit <= 0:
+        raise InputError(f"{source}: max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's "
+                         f"context of {context} tokens")
+    prompts = [render_prompt(tokenizer, row["question"], system_prompt) for row in rows]
+    ids = tokenizer(prompts, add_special_tokens=False, verbose=False)["input_ids"] if prompts else []
+    counts = [len(x) for x in ids]
+    kept, skipped = [], []
+    for row, prompt, n in zip(rows, prompts, counts):
+        if n > limit:
+            skipped.append({"row": row.get("row"), "source_file": source_file, "question": row["question"],
+                            "prompt_tokens": n, "max_prompt_tokens": limit, "context": context,
+                            "max_new_tokens": max_new_tokens})
+        else:
+            kept.append({**row, "prompt": prompt})
+    if rows and not kept:
+        many = f"all {len(rows)} prompts are" if len(rows) > 1 else "the only prompt is"
+        raise InputError(f"{source}: {many} too long for the model ({min(counts)} to {max(counts)} tokens); at most "
+                         f"{limit} fit (context {context} - max_new_tokens {max_new_tokens})")
+    return kept, skipped
+
+
+@dataclass
+class PreparedPrompts:
+    rows: list[dict]  # PROMPTS rows without prompt_id, each with its rendered "prompt"
+    skipped: list[dict]  # too long for the context (skip_too_long's records)
+    source: PromptFile | None  # the validated file (None for synthetic prompts)
+
+
+def build_prompt_rows(prompts, seed: int, tokenizer, *, context: int, max_new_tokens: int) -> PreparedPrompts:
+    """params.prompts -> validated, deduplicated rows that fit the context, split into train and eval.
+    For a file, the too-long rows are dropped before the split, so num_train / num_eval hold when enough rows
+    are left. max_new_tokens: the longest generation (rollout or eval)."""
+    if prompts.source == "synthetic":
+        rows = synthetic_rows(seed, prompts.num_train, prompts.num_eval, prompts.min_operand, prompts.max_operand,
+                              prompts.num_operands, prompts.operations)
+        kept, skipped = skip_too_long(rows, tokenizer, prompts.system_prompt, context=context,
+                                      max_new_tokens=max_new_tokens, source="synthetic prompts")
+        for split in ("train", "eval"):
+            if not any(r["split"] == split for r in kept):
+                raise InputError(f"synthetic prompts: every {split} prompt is too long for the context of {context} "
+                                 f"tokens with max_new_tokens {max_new_tokens}")
+        return PreparedPrompts(kept, skipped, None)
+    source = read_prompts_source(prompts)
+    kept, skipped = skip_too_long(source.rows, tokenizer, prompts.system_prompt, context=context,
+                                  max_new_tokens=max_new_tokens, source=source.path, source_file=source.path.name)
+    where = f"{source.path} ({len(skipped)} rows too long for the context skipped)" if skipped else source.path
+    rows = split_rows(kept, seed, prompts.num_train, prompts.num_eval, source.data_source, source.path.name, where)
+    return PreparedPrompts(rows, skipped, source)
+
+
+# ------------------------------------------------------------------------------------ rendering and batches
 
 
 def render_prompt(tokenizer, question: str, system_prompt: str = "") -> str:
@@ -119,12 +175,3 @@ def render_prompt(tokenizer, question: str, system_prompt: str = "") -> str:
         ]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return (f"{system_prompt}\n\n" if system_prompt else "") + f"Question: {user}\nAnswer:"
-
-
-def iteration_batch(prompt_ids: list[str], seed: int, iteration: int, size: int) -> list[str]:
-    """Iteration k's prompts: consecutive slices of one seeded permutation (epochs of the train split), so
-    the batch depends only on (seed, k) and no prompt repeats before every prompt has been used."""
-    order = sorted(prompt_ids)
-    random.Random(f"{seed}/prompt-order").shuffle(order)
-    start = (iteration - 1) * size
-    return [order[(start + i) % len(order)] for i in range(size)]

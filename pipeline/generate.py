@@ -13,9 +13,8 @@ import pyarrow as pa
 from grpo.errors import InputError
 from grpo.config import load_params
 from grpo.contracts import PROMPTS, ROLLOUTS, read_table, write_table
-from grpo.generation import SamplingSpec, make_backend, request_seed, select_backend
+from grpo.generation import SamplingSpec, iteration_batch, make_backend, request_seed, select_backend
 from grpo.metrics import completion_metrics
-from grpo.prompts import iteration_batch
 from pipeline.stage import iteration_parser, read_json, run, stage, write_json
 
 
