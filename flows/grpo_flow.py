@@ -13,8 +13,11 @@ Per flow run:
   1. parameter overrides are written into params.yaml (validated first, comments kept, written atomically);
   2. check-inputs, prepare-model, prepare-prompts, evaluate-base, then generate@k, score@k, advantages@k,
      update@k, evaluate@k for every iteration k in params.yaml train.iterations, then report, each a task
-     whose output is streamed line by line into the Prefect run log. A failed stage is retried (every DVC
-     stage is idempotent: DVC clears its outputs and every output is written atomically);
+     whose output is streamed line by line into the Prefect run log. A stage that crashed (a traceback,
+     a signal, any exit status but 2) is retried (every DVC stage is idempotent: DVC clears its outputs and
+     every output is written atomically); a stage stopped by a user error (it printed `error: ...` and
+     exited with status 2, grpo.errors.USER_ERROR_EXIT: a bad parameter or input file, a NaN loss) is not,
+     as the same inputs give the same error: the flow run fails at once with that line;
   3. artifacts: for each iteration this run (re)computed, a table of its metrics and a markdown sample of
      completions (best and worst of a few groups, with rewards and advantages); a progress artifact across
      the run's iterations; after report, the history table of every iteration.
@@ -31,6 +34,7 @@ import io
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -47,6 +51,7 @@ from prefect.artifacts import (create_markdown_artifact, create_progress_artifac
 from prefect.cache_policies import NO_CACHE
 
 from grpo.config import ConfigError, params_from_dict
+from grpo.errors import USER_ERROR_EXIT
 
 BASE_STAGES = ["check-inputs", "prepare-model", "prepare-prompts", "evaluate-base"]
 ITERATION_STAGES = ["generate", "score", "advantages", "update", "evaluate"]
@@ -70,6 +75,16 @@ SAMPLE_CHARS = 300  # completion text shown per cell
 
 class StageError(RuntimeError):
     """A DVC stage failed; str(e) names the stage and carries the stage's own error line."""
+
+
+class StageUserError(StageError):
+    """The stage stopped on a user error (grpo.errors.UserError): it printed one line `error: ...` and exited
+    with status USER_ERROR_EXIT. The same inputs give the same error, so it is not retried."""
+
+
+class StageCrash(StageError):
+    """The stage crashed (a traceback, an exit status other than USER_ERROR_EXIT, a signal), or dvc failed
+    around it: possibly transient (memory, a killed process), so it is retried."""
 
 
 # ------------------------------------------------------------------------------------------ params.yaml
@@ -249,6 +264,54 @@ def _error_line(lines: list[str]) -> str:
     return found[-1] if found else "(no output)"
 
 
+# `dvc repro` exits with 255 whatever made it fail; a stage command's own exit status is only in dvc's last
+# line (dvc.stage.exceptions.StageCmdFailedError), a signal as its negative number:
+#   ERROR: failed to reproduce 'check-inputs': failed to run: python -m pipeline.check_inputs ..., exited with 2
+#   ERROR: failed to reproduce 'update@1': failed to run: python -m pipeline.update ..., exited with -9
+DVC_FAILED = "ERROR: failed to reproduce "
+DVC_CMD_STATUS = re.compile(r": failed to run: .*, exited with (-?\d+)$", re.DOTALL | re.MULTILINE)
+
+
+def _dvc_error_start(lines: list[str]) -> int | None:
+    starts = [i for i, line in enumerate(lines) if line.startswith(DVC_FAILED)]
+    return starts[-1] if starts else None
+
+
+def stage_exit_status(lines: list[str]) -> int | None:
+    """The exit status of the stage's command, read from dvc's error line; None when dvc failed without
+    running it to the end (a missing dependency, a bad dvc.yaml, dvc itself interrupted)."""
+    start = _dvc_error_start(lines)
+    if start is None:
+        return None
+    match = DVC_CMD_STATUS.search("\n".join(lines[start:]))  # a multi-line cmd spans several lines
+    return int(match.group(1)) if match else None
+
+
+def stage_failure(stage: str, code: int, lines: list[str]) -> StageError:
+    """The exception for a failed `dvc repro --single-item <stage>` (exit status `code`, output `lines`):
+    StageUserError when the stage's command exited with USER_ERROR_EXIT, else StageCrash."""
+    status = stage_exit_status(lines)
+    if status == USER_ERROR_EXIT:
+        return StageUserError(f"stage {stage} failed: {_error_line(lines)} (a user error: not retried)")
+    if status is None:
+        return StageCrash(f"stage {stage} failed: {_error_line(lines)} (dvc repro exited with status {code})")
+    if status < 0:
+        try:
+            return StageCrash(f"stage {stage} crashed: killed by {signal.Signals(-status).name}")
+        except ValueError:
+            return StageCrash(f"stage {stage} crashed: killed by signal {-status}")
+    before = lines[: _dvc_error_start(lines)]
+    last = _error_line(lines)
+    if any(line.startswith("Traceback (most recent call last)") for line in before):
+        last = next(line for line in reversed(before) if line.strip() and not line[0].isspace())  # the exception
+    return StageCrash(f"stage {stage} crashed: {last} (exit status {status})")
+
+
+def retry_crashes(task, task_run, state) -> bool:
+    """run_stage's retry_condition_fn: retry a crash, never a user error (it would recur)."""
+    return not isinstance(state.data, StageUserError)
+
+
 def stream_command(cmd: list[str], cwd: Path, logger) -> tuple[int, list[str]]:
     """Run cmd, logging each line of its stdout+stderr as it arrives; kill its process group if interrupted.
 
@@ -288,15 +351,22 @@ def stream_command(cmd: list[str], cwd: Path, logger) -> tuple[int, list[str]]:
                     continue
 
 
-@task(name="dvc-stage", task_run_name="{stage}", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
+@task(name="dvc-stage", task_run_name="{stage}", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_crashes,
+      cache_policy=NO_CACHE)
 def run_stage(stage: str, workspace: str) -> dict:
-    """`dvc repro --single-item <stage>` in the workspace: DVC runs the stage if it is stale, else skips it."""
+    """`dvc repro --single-item <stage>` in the workspace: DVC runs the stage if it is stale, else skips it.
+
+    Raises StageUserError (not retried) when the stage stopped on a user error, StageCrash (retried) else."""
     logger = get_run_logger()
     start = time.perf_counter()
     with workspace_lock(Path(workspace), DVC_LOCK, "the workspace's DVC lock", logger):
         code, lines = stream_command([sys.executable, "-m", "dvc", "repro", "--single-item", stage], Path(workspace), logger)
     if code != 0:
-        raise StageError(f"stage {stage} failed: {_error_line(lines)} (dvc repro exited with status {code})")
+        error = stage_failure(stage, code, lines)
+        if isinstance(error, StageUserError):
+            logger.error("stage %s stopped on a user error: not retried (the same inputs give the same error); "
+                         "fix it and start the flow again", stage)
+        raise error
     return {"stage": stage, "status": _classify(lines), "seconds": round(time.perf_counter() - start, 2)}
 
 
@@ -466,8 +536,8 @@ def grpo_train(
         beta: KL penalty coefficient (loss.beta); empty keeps params.yaml's
         overrides: any other params.yaml keys, dotted, e.g. {"rollout.max_new_tokens": 32}
         workspace: the project directory with dvc.yaml and params.yaml (default: the current directory)
-        stage_retries: retries of a failed stage
-        retry_delay_seconds: seconds between a failed stage and its retry
+        stage_retries: retries of a crashed stage (a stage stopped by a user error is not retried)
+        retry_delay_seconds: seconds between a crashed stage and its retry
     """
     ws = _workspace(workspace)
     changes = dict(overrides or {})
@@ -493,8 +563,8 @@ def grpo_extend(
     Args:
         add_iterations: iterations to add to params.yaml train.iterations
         workspace: the project directory with dvc.yaml and params.yaml (default: the current directory)
-        stage_retries: retries of a failed stage
-        retry_delay_seconds: seconds between a failed stage and its retry
+        stage_retries: retries of a crashed stage (a stage stopped by a user error is not retried)
+        retry_delay_seconds: seconds between a crashed stage and its retry
     """
     if add_iterations < 1:
         raise ValueError(f"add_iterations = {add_iterations} is not allowed; expected an integer >= 1")
@@ -527,7 +597,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", type=_override, action="append", default=[], metavar="KEY=VALUE",
                         help="any params.yaml key, e.g. --set rollout.max_new_tokens=32 (repeatable)")
     parser.add_argument("--workspace", default=None, help="project directory (default: the current directory)")
-    parser.add_argument("--retries", type=int, default=2, help="retries of a failed stage")
+    parser.add_argument("--retries", type=int, default=2,
+                        help="retries of a crashed stage (a user error, exit status 2, is not retried)")
     parser.add_argument("--retry-delay", type=float, default=10.0, help="seconds before a retry")
     args = parser.parse_args(argv)
     common = dict(workspace=args.workspace, stage_retries=args.retries, retry_delay_seconds=args.retry_delay)

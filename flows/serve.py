@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     when.add_argument("--cron", help="extend the run on this cron schedule instead, e.g. '0 * * * *'")
     parser.add_argument("--add", type=int, default=1, metavar="K", help="iterations each extend run adds (default 1)")
     parser.add_argument("--paused", action="store_true", help="create the extend schedule paused (resume it in the UI)")
-    parser.add_argument("--retries", type=int, default=2, help="retries of a failed stage")
+    parser.add_argument("--retries", type=int, default=2,
+                        help="retries of a crashed stage (a user error, exit status 2, is not retried)")
     parser.add_argument("--retry-delay", type=float, default=10.0, help="seconds before a retry")
     args = parser.parse_args(argv)
     serve(*deployments(args.workspace, every_minutes=args.every, cron=args.cron, add=args.add, paused=args.paused,

@@ -1,14 +1,23 @@
 """Prefect flows that run the DVC stages, against a real Prefect server on a free loopback port, on a tiny
-model: one task run per stage, artifacts, DVC skipping fresh stages, retries, deployments, ephemeral mode."""
+model: one task run per stage, artifacts, DVC skipping fresh stages, retries of crashes (not of user errors),
+deployments, ephemeral mode.
+
+The machine may be a loaded 2-core one: every request to the server has a long timeout and idempotent ones are
+retried on timeouts and connection errors; every wait polls up to a generous deadline, then fails an assertion
+that says what it waited for."""
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
 import time
+import uuid
+import warnings
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -16,12 +25,26 @@ import sqlalchemy
 import yaml
 from filelock import FileLock
 
-from flows.grpo_flow import DVC_LOCK, stage_names
+from flows.grpo_flow import (DVC_LOCK, StageCrash, StageUserError, stage_exit_status, stage_failure, stage_names,
+                             stream_command)
 from tests.project import dvc, env, free_port, make_project, small_params, stop_process_group
 
 pytestmark = pytest.mark.slow
 
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+# deadlines, generous for a loaded 2-core machine; each one ends in an assertion (or a timeout error) that says
+# what did not happen
+HTTP_TIMEOUT = 120.0  # one request to the loopback Prefect server
+HTTP_RETRY_FOR = 300.0  # an idempotent request is retried on timeouts, connection errors and 5xx this long
+SERVER_START = 300.0  # `prefect server start` answers /health
+FLOW_RUN_TIMEOUT = 1800.0  # one `python -m flows.grpo_flow` subprocess
+STATE_TIMEOUT = 600.0  # a flow run reaches a state
+LOGS_TIMEOUT = 180.0  # a log line reaches the API (logs are sent in batches)
+
+# the flow's own last log lines: they come after every task's (one process sends its logs in order)
+FLOW_DONE = "were fresh (DVC skipped them)"
+FLOW_FAILED = "Encountered exception during execution"
 
 # Prefect 3.7.7's server scheduler inserts scheduled runs with a statement SQLAlchemy 2.1 rejects ("Can't evaluate
 # bulk DML statement"): with it, a deployment's schedule never creates runs. SQLAlchemy 2.0.x works.
@@ -35,7 +58,11 @@ def prefect_env(home: Path, api_url: str | None = None) -> dict:
     """The project env, Prefect isolated in `home`; without api_url a flow runs in ephemeral mode."""
     e = {k: v for k, v in env().items() if not k.startswith("PREFECT_")}
     e.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false",
-             PREFECT_RUNNER_POLL_FREQUENCY="1", PREFECT_LOGGING_TO_API_BATCH_INTERVAL="0.5")
+             PREFECT_RUNNER_POLL_FREQUENCY="1", PREFECT_LOGGING_TO_API_BATCH_INTERVAL="0.5",
+             # a loaded machine: the clients (flow runs, flows.serve) wait longer for the server, the server for
+             # SQLite, and an ephemeral-mode flow run for its temporary server (20 s by default)
+             PREFECT_API_REQUEST_TIMEOUT=str(HTTP_TIMEOUT), PREFECT_SERVER_DATABASE_TIMEOUT="60",
+             PREFECT_SERVER_DATABASE_CONNECTION_TIMEOUT="30", PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="300")
     if api_url:
         e["PREFECT_API_URL"] = api_url
     return e
@@ -51,48 +78,99 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}/api"
         self.env = prefect_env(home, self.url)
         self.log = home / "server.log"
+        self.retried: list[str] = []  # requests that were retried, and why
         home.mkdir(parents=True, exist_ok=True)
         prefect = shutil.which("prefect", path=self.env["PATH"])
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
                                          env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        self.client = httpx.Client(base_url=self.url, timeout=30)
-        deadline = time.time() + 180
+        self.client = httpx.Client(base_url=self.url, timeout=HTTP_TIMEOUT)
+        deadline = time.monotonic() + SERVER_START
         while True:
             try:
                 if self.client.get("/health").status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
-            if self.proc.poll() is not None or time.time() > deadline:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise AssertionError(f"prefect server did not start:\n{self.log.read_text()[-3000:]}")
+                raise AssertionError(f"prefect server did not answer /health within {SERVER_START:.0f}s "
+                                     f"(exit status {self.proc.returncode}):\n{self.log.read_text()[-3000:]}")
             time.sleep(0.5)
 
     def stop(self) -> None:
         stop_process_group(self.proc)
         self.client.close()
 
-    def post(self, path: str, body: dict | None = None):
-        response = self.client.post(path, json=body or {})
-        response.raise_for_status()
-        return response.json()
+    def request(self, method: str, path: str, body: dict | None = None, retry: bool = True) -> Any:
+        """The JSON answer of one API call. With retry (only for calls that may safely run twice), a timeout, a
+        connection error or a 5xx answer (SQLite busy) is retried for HTTP_RETRY_FOR seconds."""
+        deadline = time.monotonic() + HTTP_RETRY_FOR
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                response = self.client.request(method, path, json=body)
+                if response.status_code < 500 or not retry or time.monotonic() > deadline:
+                    return response.raise_for_status().json()
+                problem = f"HTTP {response.status_code}: {response.text[:300]}"
+            except httpx.TransportError as e:  # timeouts, refused or dropped connections
+                if not retry or time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise AssertionError(f"{method} {path}: no answer from the Prefect server after {attempt} "
+                                         f"attempt(s) ({e!r}; server exit status {self.proc.poll()}); "
+                                         f"server log:\n{self.log.read_text()[-2000:]}") from e
+                problem = repr(e)
+            self.retried.append(f"{method} {path} (attempt {attempt}): {problem}")
+            time.sleep(min(2.0 ** attempt, 15.0))
+
+    def get(self, path: str) -> Any:
+        return self.request("GET", path)
+
+    def post(self, path: str, body: dict | None = None) -> Any:
+        """A read through a POST (the /filter endpoints): safe to retry."""
+        return self.request("POST", path, body or {})
+
+    def create_flow_run(self, deployment_id: str, parameters: dict) -> dict:
+        # the idempotency key makes a retried request return the run the first attempt created, if it did
+        return self.request("POST", f"/deployments/{deployment_id}/create_flow_run",
+                            {"parameters": parameters, "idempotency_key": str(uuid.uuid4())})
 
     def flow_run(self, flow_run_id: str) -> dict:
-        return self.client.get(f"/flow_runs/{flow_run_id}").raise_for_status().json()
+        return self.get(f"/flow_runs/{flow_run_id}")
 
-    def flow_run_ids(self) -> set[str]:
-        return {r["id"] for r in self.post("/flow_runs/filter", {"limit": 200})}
+    def local_flow_run_ids(self) -> set[str]:
+        """Flow runs not started from a deployment (the extend deployment's scheduled runs come and go)."""
+        return {r["id"] for r in self.post("/flow_runs/filter", {"flow_runs": {"deployment_id": {"is_null_": True}},
+                                                                  "limit": 200})}
 
-    def wait(self, flow_run_id: str, timeout: float = 600) -> dict:
-        deadline = time.time() + timeout
+    def wait(self, flow_run_id: str, timeout: float = STATE_TIMEOUT) -> dict:
+        """The flow run once it is in a terminal state."""
+        deadline = time.monotonic() + timeout
         while (run := self.flow_run(flow_run_id))["state_type"] not in TERMINAL:
-            assert time.time() < deadline, f"flow run still {run['state_type']} after {timeout}s"
+            assert time.monotonic() < deadline, f"flow run {run['name']} still {run['state_type']} after {timeout:.0f}s"
             time.sleep(1)
         return run
 
     def task_runs(self, flow_run_id: str) -> list[dict]:
         return self.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}, "sort": "EXPECTED_START_TIME_ASC"})
+
+    def wait_task_runs(self, flow_run_id: str, count: int, states: set[str] = TERMINAL,
+                       timeout: float = LOGS_TIMEOUT) -> list[dict]:
+        """The flow run's task runs once `count` of them are recorded, all in one of `states`: task run states
+        reach the server as events, recorded apart from (and possibly after) the flow run's own state."""
+        deadline = time.monotonic() + timeout
+        while True:
+            runs = self.task_runs(flow_run_id)
+            if len(runs) >= count and all(t["state_type"] in states for t in runs):
+                return runs
+            assert time.monotonic() < deadline, (f"after {timeout:.0f}s, task runs {[(t['name'], t['state_type']) for t in runs]}"
+                                                 f"; expected {count} in {sorted(states)}")
+            time.sleep(0.5)
+
+    def task_run_states(self, task_run_id: str) -> list[str]:
+        """The state types a task run went through, in order (RUNNING once per attempt)."""
+        states = self.get(f"/task_run_states/?task_run_id={task_run_id}")
+        return [st["type"] for st in sorted(states, key=lambda st: st["timestamp"])]
 
     def artifacts(self, flow_run_id: str) -> dict[str, dict]:
         return {a["key"]: a for a in self.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}})}
@@ -106,14 +184,14 @@ class Server:
             if len(page) < 200:
                 return logs
 
-    def wait_logs(self, flow_run_id: str, text: str, timeout: float = 60) -> list[dict]:
+    def wait_logs(self, flow_run_id: str, text: str, timeout: float = LOGS_TIMEOUT) -> list[dict]:
         """The flow run's logs once one of them contains `text` (logs reach the API in batches)."""
-        deadline = time.time() + timeout
+        deadline = time.monotonic() + timeout
         while True:
             logs = self.logs(flow_run_id)
             if any(text in log["message"] for log in logs):
                 return logs
-            assert time.time() < deadline, f"no log line with {text!r} after {timeout}s:\n" + _messages(logs)
+            assert time.monotonic() < deadline, f"no log line with {text!r} after {timeout:.0f}s:\n" + _messages(logs)
             time.sleep(0.5)
 
 
@@ -121,17 +199,23 @@ def _messages(logs: list[dict], task_run_id: str | None = None) -> str:
     return "\n".join(log["message"] for log in logs if task_run_id is None or log["task_run_id"] == task_run_id)
 
 
-def run_flow(project: Path, environment: dict, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.grpo_flow", "--retry-delay", "1", *args], cwd=project,
-                          env=environment, capture_output=True, text=True, timeout=timeout)
+def run_flow(project: Path, environment: dict, *args: str, timeout: float = FLOW_RUN_TIMEOUT) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "flows.grpo_flow", "--retry-delay", "1", *args]
+    try:
+        return subprocess.run(cmd, cwd=project, env=environment, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
+        raise AssertionError(f"{' '.join(cmd[1:])} did not finish within {timeout:.0f}s:\n{out[-4000:]}") from None
 
 
 def run_flow_on_server(server: Server, project: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
     """Run the flow in a subprocess against the server; return the process and the new flow run."""
-    before = server.flow_run_ids()
+    before = server.local_flow_run_ids()
     result = run_flow(project, server.env, *args)
-    (new,) = server.flow_run_ids() - before
-    return result, server.wait(new, timeout=60)
+    new = server.local_flow_run_ids() - before
+    assert len(new) == 1, f"expected one new flow run, got {len(new)}:\n{result.stdout}{result.stderr}"
+    # the process has ended: its flow run is already in its final state
+    return result, server.wait(new.pop(), timeout=120)
 
 
 def _data_files(project: Path) -> dict[Path, int]:
@@ -143,6 +227,8 @@ def server(tmp_path_factory):
     s = Server(tmp_path_factory.mktemp("prefect") / "home")
     yield s
     s.stop()
+    if s.retried:  # shown in the summary: how loaded the machine was
+        warnings.warn(f"{len(s.retried)} Prefect API request(s) retried:\n" + "\n".join(s.retried[:20]))
 
 
 @pytest.fixture(scope="module")
@@ -161,8 +247,8 @@ def first_run(server, project) -> dict:
 
 def test_flow_run_completes_with_one_task_run_per_stage(server, project, first_run):
     assert first_run["state_type"] == "COMPLETED", first_run["state"]
-    task_runs = server.task_runs(first_run["id"])
     expected = stage_names(["1"])
+    task_runs = server.wait_task_runs(first_run["id"], len(expected))
     assert [t["name"] for t in task_runs] == expected
     assert all(t["state_type"] == "COMPLETED" and t["run_count"] == 1 for t in task_runs), task_runs
     # the flow's stages are exactly dvc.yaml's
@@ -182,8 +268,8 @@ def test_overrides_are_written_into_params_yaml(project, first_run, tiny_model_d
 
 
 def test_stage_output_is_streamed_into_the_run_log(server, first_run):
-    logs = server.wait_logs(first_run["id"], "Finished in state Completed")
-    task_runs = {t["name"]: t["id"] for t in server.task_runs(first_run["id"])}
+    logs = server.wait_logs(first_run["id"], FLOW_DONE)
+    task_runs = {t["name"]: t["id"] for t in server.wait_task_runs(first_run["id"], len(stage_names(["1"])))}
     generate = _messages(logs, task_runs["generate@1"])
     assert "Running stage 'generate@1'" in generate and "generate@1: read data/prompts.parquet" in generate, generate
     flow_log = _messages(logs)
@@ -221,14 +307,17 @@ class TestServedDeployments:
     """`python -m flows.serve` against the server: what a user starts and schedules from the UI."""
 
     @pytest.fixture(scope="class")
-    def deployments(self, server, project, first_run):
-        serve = subprocess.Popen([sys.executable, "-m", "flows.serve", "--every", "60", "--add", "2", "--retry-delay", "1"],
-                                 cwd=project, env=server.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                 start_new_session=True)
+    def deployments(self, server, project, first_run, tmp_path_factory):
+        log = tmp_path_factory.mktemp("serve") / "serve.log"
+        with open(log, "wb") as out:
+            serve = subprocess.Popen([sys.executable, "-m", "flows.serve", "--every", "60", "--add", "2", "--retry-delay", "1"],
+                                     cwd=project, env=server.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            deadline = time.time() + 120
+            deadline = time.monotonic() + 300
             while len(found := {d["name"]: d for d in server.post("/deployments/filter")}) < 2:
-                assert time.time() < deadline and serve.poll() is None, "flows.serve did not register its deployments"
+                assert serve.poll() is None and time.monotonic() < deadline, (
+                    f"flows.serve registered {sorted(found)} of 2 deployments (exit status {serve.poll()}):\n"
+                    + log.read_text()[-3000:])
                 time.sleep(0.5)
             yield found
         finally:
@@ -240,16 +329,18 @@ class TestServedDeployments:
         # a run with the current values: params.yaml stays as it is and DVC skips every stage; while another
         # process holds the workspace's DVC lock, the first stage waits for it
         with FileLock(str(project / DVC_LOCK)):
-            run = server.post(f"/deployments/{deployments['train']['id']}/create_flow_run",
-                              {"parameters": {"iterations": 1, "beta": 0.05}})
-            server.wait_logs(run["id"], "waiting for the workspace's DVC lock", timeout=120)
-            time.sleep(2)
-            assert server.flow_run(run["id"])["state_type"] == "RUNNING"
-            assert [t["state_type"] for t in server.task_runs(run["id"])] == ["RUNNING"]
-        run = server.wait(run["id"], timeout=300)
+            run = server.create_flow_run(deployments["train"]["id"], {"iterations": 1, "beta": 0.05})
+            # flows.serve polls for the run, starts a subprocess for it, which imports the flow: minutes when loaded
+            server.wait_logs(run["id"], "waiting for the workspace's DVC lock", timeout=STATE_TIMEOUT)
+            server.wait_task_runs(run["id"], 1, {"RUNNING"})  # task run states reach the server as events
+            for _ in range(3):  # and it goes on waiting while the lock is held
+                assert server.flow_run(run["id"])["state_type"] == "RUNNING"
+                assert [t["state_type"] for t in server.task_runs(run["id"])] == ["RUNNING"]
+                time.sleep(1)
+        run = server.wait(run["id"])
         assert run["state_type"] == "COMPLETED", run["state"]
-        logs = server.wait_logs(run["id"], "Finished in state Completed")
-        task_runs = server.task_runs(run["id"])
+        logs = server.wait_logs(run["id"], FLOW_DONE)
+        task_runs = server.wait_task_runs(run["id"], len(stage_names(["1"])))
         assert [t["name"] for t in task_runs] == stage_names(["1"])
         for t in task_runs:
             assert f"Stage '{t['name']}' didn't change, skipping" in _messages(logs, t["id"]), t["name"]
@@ -262,9 +353,9 @@ class TestServedDeployments:
         assert not extend["paused"] and extend["parameters"]["add_iterations"] == 2
         assert [s["schedule"]["interval"] for s in extend["schedules"]] == [3600.0]
         # the server's scheduler creates the coming runs (the first one interval from now: none runs here)
-        deadline = time.time() + 30
+        deadline = time.monotonic() + 180  # its loop for recently changed deployments runs every 5 s
         while not (runs := server.post("/flow_runs/filter", {"deployments": {"id": {"any_": [extend["id"]]}}})):
-            assert time.time() < deadline, "the server scheduled no extend runs:\n" + server.log.read_text()[-2000:]
+            assert time.monotonic() < deadline, "the server scheduled no extend runs:\n" + server.log.read_text()[-2000:]
             time.sleep(1)
         assert {r["state_type"] for r in runs} == {"SCHEDULED"}
         assert all(r["parameters"]["add_iterations"] == 2 for r in runs)
@@ -280,21 +371,88 @@ def test_bad_override_fails_before_touching_params_yaml(server, project):
     assert (project / "params.yaml").read_bytes() == before
 
 
-def test_failing_stage_is_retried_then_the_flow_run_fails(server, tmp_path, tiny_model_dir):
-    bad = make_project(tmp_path / "bad", small_params(tiny_model_dir, iterations=1, rollout={"group_size": 1}))
+# what the copy's pipeline/check_inputs.py becomes, to make the check-inputs stage crash
+CRASHES = {
+    "traceback": "raise RuntimeError('check-inputs crashed on purpose')\n",  # a bug: Python's exit status 1
+    "signal": "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n",  # as by the kernel's OOM killer
+}
+
+
+@pytest.mark.parametrize("crash", sorted(CRASHES))
+def test_a_crashed_stage_is_retried_then_the_flow_run_fails(server, tmp_path, tiny_model_dir, crash):
+    bad = make_project(tmp_path / "crash", small_params(tiny_model_dir, iterations=1))
+    (bad / "pipeline/check_inputs.py").write_text(CRASHES[crash])
     result, run = run_flow_on_server(server, bad, "--retries", "1", "--retry-delay", "0")
-    assert result.returncode == 1
-    error = "rollout.group_size = 1 is not allowed; expected an integer >= 2"
-    assert run["state_type"] == "FAILED" and error in run["state"]["message"], run["state"]
-    (task_run,) = server.task_runs(run["id"])  # the run stopped at the first stage
+    assert result.returncode == 1, result.stdout + result.stderr
+    message = run["state"]["message"]
+    assert run["state_type"] == "FAILED" and "StageCrash: stage check-inputs crashed: " in message, run["state"]
+    if crash == "traceback":
+        assert "crashed: RuntimeError: check-inputs crashed on purpose (exit status 1)" in message, message
+    else:  # the stage's shell execs python (-9), or reports the signal as 128 + 9
+        assert "crashed: killed by SIGKILL" in message or "(exit status 137)" in message, message
+    (task_run,) = server.wait_task_runs(run["id"], 1)  # the run stopped at the first stage
     assert task_run["name"] == "check-inputs" and task_run["state_type"] == "FAILED"
     assert task_run["run_count"] == 2, "one retry"
-    logs = server.wait_logs(run["id"], "Finished in state Failed")
+    assert server.task_run_states(task_run["id"]).count("RUNNING") == 2
+    logs = server.wait_logs(run["id"], FLOW_FAILED)
     stage_log = _messages(logs, task_run["id"])
-    assert stage_log.count("Running stage 'check-inputs'") == 2
-    assert [line for line in stage_log.splitlines() if line.startswith("error:")] == [f"error: params.yaml: {error}"] * 2, stage_log
-    assert "Retry 1/1 will start" in stage_log
+    assert stage_log.count("Running stage 'check-inputs'") == 2, stage_log
+    assert "Retry 1/1 will start" in stage_log and "Retries are exhausted" in stage_log, stage_log
     assert not (bad / "data/inputs.ok").exists()
+
+
+def test_a_user_error_is_not_retried_and_fails_the_flow_run_at_once(server, tmp_path, tiny_model_dir):
+    # a bad value written into params.yaml by hand (an override is checked before any stage runs):
+    # check-inputs prints one error line and exits with status 2
+    bad = make_project(tmp_path / "bad", small_params(tiny_model_dir, iterations=1, rollout={"group_size": 1}))
+    result, run = run_flow_on_server(server, bad, "--retries", "2", "--retry-delay", "0")
+    assert result.returncode == 1, result.stdout + result.stderr
+    error = "error: params.yaml: rollout.group_size = 1 is not allowed; expected an integer >= 2"
+    message = run["state"]["message"]
+    assert run["state_type"] == "FAILED" and f"StageUserError: stage check-inputs failed: {error}" in message, run["state"]
+    (task_run,) = server.wait_task_runs(run["id"], 1)  # the run stopped at the first stage
+    assert task_run["name"] == "check-inputs" and task_run["state_type"] == "FAILED"
+    assert task_run["run_count"] == 1, "attempted once: not retried"
+    states = server.task_run_states(task_run["id"])
+    assert states.count("RUNNING") == 1 and states[-1] == "FAILED", states
+    logs = server.wait_logs(run["id"], FLOW_FAILED)
+    stage_log = _messages(logs, task_run["id"])
+    assert stage_log.count("Running stage 'check-inputs'") == 1, stage_log
+    assert [line for line in stage_log.splitlines() if line.startswith("error:")] == [error], stage_log
+    assert "stage check-inputs stopped on a user error: not retried" in stage_log
+    assert "Retry" not in stage_log, stage_log
+    assert not (bad / "data/inputs.ok").exists()
+
+
+def test_dvc_reports_the_stage_exit_status_that_tells_a_user_error_from_a_crash(tmp_path):
+    """What run_stage reads from `dvc repro --single-item` (which exits with 255 whatever failed), with the
+    installed DVC: the stage command's exit status, from its last line."""
+    (tmp_path / "user_error.py").write_text("import sys\nprint('error: bad input', file=sys.stderr)\nsys.exit(2)\n")
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "user-error": {"cmd": "python user_error.py"},
+        "crash": {"cmd": "python -c \"raise RuntimeError('boom')\""},
+        "killed": {"cmd": "python -c \"import os, signal; os.kill(os.getpid(), signal.SIGKILL)\""},
+        "missing-dep": {"cmd": "python user_error.py", "deps": ["missing.txt"]},
+    }}))
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "core.analytics", "false"]):
+        subprocess.run(cmd, cwd=tmp_path, env=env(), check=True, capture_output=True)
+    logger = logging.getLogger("test-dvc-status")
+    failures = {}
+    for name in ("user-error", "crash", "killed", "missing-dep"):
+        code, lines = stream_command([sys.executable, "-m", "dvc", "repro", "--single-item", name], tmp_path, logger)
+        assert code == 255, (name, code, lines)
+        failures[name] = (stage_exit_status(lines), stage_failure(name, code, lines))
+    status, error = failures["user-error"]
+    assert status == 2 and isinstance(error, StageUserError)
+    assert str(error) == "stage user-error failed: error: bad input (a user error: not retried)"
+    status, error = failures["crash"]
+    assert status == 1 and type(error) is StageCrash
+    assert str(error) == "stage crash crashed: RuntimeError: boom (exit status 1)"
+    status, error = failures["killed"]
+    assert status in (-9, 137) and type(error) is StageCrash, (status, error)
+    status, error = failures["missing-dep"]  # dvc failed before running the command: retried, as a crash
+    assert status is None and type(error) is StageCrash
+    assert "dependency 'missing.txt' does not exist" in str(error)
 
 
 def test_local_ephemeral_run_extends_without_a_server(project, tmp_path):
