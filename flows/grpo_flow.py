@@ -10,17 +10,20 @@ stage; they read the stages' output files only to publish artifacts.
     python -m flows.serve                                                           # deployments for the Prefect UI
 
 Per flow run:
-  1. parameter overrides are written into params.yaml (validated first, comments kept, written atomically);
-  2. check-inputs, prepare-model, prepare-prompts, evaluate-base, then generate@k, score@k, advantages@k,
-     update@k, evaluate@k for every iteration k in params.yaml train.iterations, then report, each a task
+  1. parameter overrides are written into params.yaml by pipeline.params_file (validated first, comments
+     kept, written atomically); grpo-extend adds iterations with pipeline.params_file.extend_iterations, the
+     code of `python -m pipeline.extend`;
+  2. the stages of the workspace's dvc.yaml, read from the file (stage_plan): check-inputs, prepare-model,
+     prepare-prompts, evaluate-base, then generate@k, score@k, advantages@k, update@k, evaluate@k for every
+     iteration k in params.yaml train.iterations, then report, each a task
      whose output is streamed line by line into the Prefect run log. A stage that crashed (a traceback,
      a signal, any exit status but 2) is retried (every DVC stage is idempotent: DVC clears its outputs and
      every output is written atomically); a stage stopped by a user error (it printed `error: ...` and
      exited with status 2, grpo.errors.USER_ERROR_EXIT: a bad parameter or input file, a NaN loss) is not,
      as the same inputs give the same error: the flow run fails at once with that line;
-  3. artifacts: for each iteration this run (re)computed, a table of its metrics and a markdown sample of
-     completions (best and worst of a few groups, with rewards and advantages); a progress artifact across
-     the run's iterations; after report, the history table of every iteration.
+  3. artifacts (flows/artifacts.py): for each iteration this run (re)computed, a table of its metrics and a
+     markdown sample of completions (best and worst of a few groups, with rewards and advantages); a progress
+     artifact across the run's iterations; after report, the history table of every iteration.
 
 One workspace runs one flow run at a time (a file lock under .dvc/tmp/; a second flow run waits for it),
 and every dvc command holds a second lock, so two dvc commands from flows never run at once in one
@@ -30,32 +33,33 @@ workspace (DVC itself refuses to run while another dvc command holds its repo lo
 from __future__ import annotations
 
 import argparse
+import heapq
 import io
 import json
-import math
 import os
+import posixpath
 import re
 import signal
 import subprocess
 import sys
 import time
+from collections import defaultdict
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import yaml
 from filelock import FileLock, Timeout
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
-                               update_progress_artifact)
 from prefect.cache_policies import NO_CACHE
 
-from grpo.config import ConfigError, params_from_dict
-from grpo.errors import USER_ERROR_EXIT
+from flows import artifacts
+from grpo.errors import USER_ERROR_EXIT, InputError
+from pipeline.params_file import edit_params, extend_iterations, iteration_keys, iterations_mapping
 
-BASE_STAGES = ["check-inputs", "prepare-model", "prepare-prompts", "evaluate-base"]
-ITERATION_STAGES = ["generate", "score", "advantages", "update", "evaluate"]
-FINAL_STAGES = ["report"]
+PROJECT_ROOT = Path(__file__).resolve().parents[1]  # this checkout: its dvc.yaml is stage_names' default
+FOREACH = "${train.iterations}"  # the one foreach of dvc.yaml: a stage name@k per iteration k
 
 # flow parameter -> params.yaml key
 NAMED_OVERRIDES = {"group_size": "rollout.group_size", "learning_rate": "optim.learning_rate", "beta": "loss.beta"}
@@ -64,13 +68,6 @@ RUN_LOCK = ".dvc/tmp/prefect-run.lock"  # one flow run per workspace at a time
 DVC_LOCK = ".dvc/tmp/prefect-dvc.lock"  # one dvc command per workspace at a time
 LOCK_LOG_EVERY = 30.0  # seconds between "still waiting for the lock" lines
 PROGRESS_LOG_EVERY = 10.0  # seconds between two log lines of one progress bar
-
-# the metrics shown in the history table (data/report/history.csv has every metric)
-HISTORY_COLUMNS = ["iteration", "reward", "reward_std", "frac_reward_zero_std", "rewards/correctness/mean",
-                   "eval/accuracy", "kl", "loss", "grad_norm", "entropy", "clip_ratio/region_mean",
-                   "completions/mean_length"]
-SAMPLE_GROUPS = 3  # groups shown in the completions sample of an iteration
-SAMPLE_CHARS = 300  # completion text shown per cell
 
 
 class StageError(RuntimeError):
@@ -87,123 +84,104 @@ class StageCrash(StageError):
     around it: possibly transient (memory, a killed process), so it is retried."""
 
 
-# ------------------------------------------------------------------------------------------ params.yaml
+# ----------------------------------------------------------------------------------------------- stages
 
 
-def iteration_keys(params_path: Path) -> list[str]:
-    """The iterations of params.yaml train.iterations ("k": k-1), in order. Read without validating the rest:
-    a bad parameter is check-inputs' to report, in its task's log."""
+@dataclass(frozen=True)
+class PlannedStage:
+    name: str  # the DVC stage name: check-inputs, generate@3, ...
+    iteration: str | None  # k for a stage of dvc.yaml's foreach over train.iterations, else None
+    deps: tuple[str, ...]
+    outs: tuple[str, ...]  # outs, metrics and plots
+
+
+def _dvc_path(text: str) -> str:
+    return posixpath.normpath(str(text)).removeprefix("./")
+
+
+def _expand(spec: dict, key: str | None, item: str | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """A stage's deps and outputs, with ${key} and ${item} of its foreach filled in."""
+    def fill(entry: Any) -> str:
+        text = next(iter(entry)) if isinstance(entry, dict) else str(entry)  # `- path: {cache: false}`
+        if key is not None:
+            text = text.replace("${key}", key).replace("${item}", item)
+        return _dvc_path(text)
+
+    outs = [fill(o) for section in ("outs", "metrics", "plots") for o in spec.get(section) or []]
+    return tuple(fill(d) for d in spec.get("deps") or []), tuple(outs)
+
+
+def _dependency_order(stages: list[PlannedStage]) -> list[PlannedStage]:
+    """The stages in an order where every stage comes after the stages whose outputs it depends on (a dep
+    that is an output, inside an output folder, or a folder holding outputs), otherwise as given."""
+    producers: dict[str, set[int]] = defaultdict(set)  # output path -> stages
+    inside: dict[str, set[int]] = defaultdict(set)  # folder -> stages with outputs under it
+    for i, s in enumerate(stages):
+        for out in s.outs:
+            producers[out].add(i)
+            parts = out.split("/")
+            for j in range(1, len(parts)):
+                inside["/".join(parts[:j])].add(i)
+    waiting, dependents = [], defaultdict(list)
+    for i, s in enumerate(stages):
+        needs = set()
+        for dep in s.deps:
+            parts = dep.split("/")
+            needs |= inside.get(dep, set())
+            for j in range(1, len(parts) + 1):
+                needs |= producers.get("/".join(parts[:j]), set())
+        needs.discard(i)
+        waiting.append(len(needs))
+        for j in needs:
+            dependents[j].append(i)
+    ready = [i for i, n in enumerate(waiting) if n == 0]
+    order: list[int] = []
+    while ready:  # Kahn's algorithm, the earliest ready stage first: the given order when it respects the deps
+        i = heapq.heappop(ready)
+        order.append(i)
+        for j in dependents[i]:
+            waiting[j] -= 1
+            if not waiting[j]:
+                heapq.heappush(ready, j)
+    if len(order) < len(stages):
+        placed = set(order)
+        left = [s.name for i, s in enumerate(stages) if i not in placed]
+        raise InputError(f"dvc.yaml: the stages {', '.join(left)} depend on each other's outputs in a cycle")
+    return [stages[i] for i in order]
+
+
+def stage_plan(workspace: str | Path, keys: list[str]) -> list[PlannedStage]:
+    """The stages of the workspace's dvc.yaml for iterations `keys` (of params.yaml train.iterations, which
+    maps k to k - 1), in the order a flow run runs them: the stages listed before the first foreach stage,
+    then for each iteration k the foreach stages as name@k in dvc.yaml's order, then the other stages;
+    reordered where a stage would come before a stage whose outputs it depends on."""
+    path = Path(workspace) / "dvc.yaml"
     try:
-        data = yaml.safe_load(Path(params_path).read_text()) or {}
-        iterations = (data.get("train") or {}).get("iterations") or {}
-        return sorted((str(k) for k in iterations if str(k).isdigit()), key=int)
-    except (OSError, yaml.YAMLError, AttributeError):
-        return []
-
-
-def stage_names(keys: list[str]) -> list[str]:
-    """Every stage of dvc.yaml in the order a flow run runs them."""
-    return BASE_STAGES + [f"{s}@{k}" for k in keys for s in ITERATION_STAGES] + FINAL_STAGES
-
-
-def _yaml():
-    from ruamel.yaml import YAML
-
-    y = YAML()  # round-trip: keeps comments, key order and flow style
-    y.preserve_quotes = True
-    y.width = 4096
-
-    def null(representer, _):
-        return representer.represent_scalar("tag:yaml.org,2002:null", "null")
-
-    def real(representer, value: float):
-        # YAML 1.1 readers (PyYAML) read 1e-05 as a string: write 1.0e-05, as params.yaml does
-        if math.isnan(value) or math.isinf(value):
-            text = ".nan" if math.isnan(value) else (".inf" if value > 0 else "-.inf")
+        stages = (yaml.safe_load(path.read_text()) or {}).get("stages")
+    except (OSError, yaml.YAMLError, AttributeError) as e:
+        raise InputError(f"{path}: cannot read the stages: {' '.join(str(e).split())}") from None
+    if not isinstance(stages, dict) or not stages:
+        raise InputError(f"{path}: no `stages:` mapping")
+    before: list[PlannedStage] = []
+    per_iteration: list[tuple[str, dict]] = []
+    after: list[PlannedStage] = []
+    for name, spec in stages.items():
+        if not isinstance(spec, dict) or "matrix" in spec or ("foreach" in spec and spec["foreach"] != FOREACH):
+            raise InputError(f"{path}: stage {name}: the flows run plain stages and `foreach: {FOREACH}` ones "
+                             f"(found {' '.join(str(spec).split())[:120]})")
+        if "foreach" in spec:
+            per_iteration.append((name, spec.get("do") or {}))
         else:
-            text = repr(value)
-            mantissa, e, exponent = text.partition("e")
-            if e and "." not in mantissa:
-                text = f"{mantissa}.0e{exponent}"
-        return representer.represent_scalar("tag:yaml.org,2002:float", text)
-
-    y.representer.add_representer(type(None), null)
-    y.representer.add_representer(float, real)
-    return y
+            (after if per_iteration else before).append(PlannedStage(name, None, *_expand(spec, None, None)))
+    plan = before + [PlannedStage(f"{name}@{k}", k, *_expand(spec, k, str(int(k) - 1)))
+                     for k in keys for name, spec in per_iteration] + after
+    return _dependency_order(plan)
 
 
-def _iterations_node(n: int):
-    """{"1": 0, "2": 1, ..., "n": n-1} as one flow-style line with quoted keys (DVC skips non-string keys)."""
-    from ruamel.yaml.comments import CommentedMap
-    from ruamel.yaml.scalarstring import DoubleQuotedScalarString
-
-    node = CommentedMap((DoubleQuotedScalarString(str(k)), k - 1) for k in range(1, n + 1))
-    node.fa.set_flow_style()
-    return node
-
-
-def apply_overrides(params_path: str | Path, changes: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """Set dotted keys (e.g. {"rollout.group_size": 8}) in params.yaml; return {key: (old, new)} of what changed.
-
-    The edited file is validated (grpo.config) before it replaces params.yaml, atomically; comments and
-    layout are kept. A bad value raises ConfigError naming the key, and leaves params.yaml as it was."""
-    path = Path(params_path)
-    y = _yaml()
-    original = path.read_text()
-    doc = y.load(original)
-    changed: dict[str, tuple[Any, Any]] = {}
-    for key, value in changes.items():
-        *parents, leaf = key.split(".")
-        node = doc
-        for i, part in enumerate(parents):
-            if not isinstance(node, dict) or part not in node:
-                raise ConfigError(f"{path}: unknown key {'.'.join(parents[: i + 1])} (in override {key} = {value!r})")
-            node = node[part]
-        if not isinstance(node, dict):
-            raise ConfigError(f"{path}: {'.'.join(parents)} is not a mapping (in override {key} = {value!r})")
-        old = node.get(leaf)  # a new key is set, and then rejected by validation with a did-you-mean hint
-        if key == "train.iterations" and isinstance(value, dict):
-            if _plain(old) == {str(k): v for k, v in value.items()}:
-                continue
-            value = _iterations_node(len(value)) if value == {str(k): k - 1 for k in range(1, len(value) + 1)} else value
-        elif leaf in node and _plain(old) == value and type(_plain(old)) is type(value):
-            continue
-        node[leaf] = value
-        changed[key] = (_plain(old), _plain(value))
-    if not changed:
-        return {}
-    buffer = io.StringIO()
-    y.dump(doc, buffer)
-    text = buffer.getvalue()
-    params_from_dict(yaml.safe_load(text) or {}, source=str(path))  # raises ConfigError on a bad value
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, path.stat().st_mode & 0o777)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return changed
-
-
-def _plain(value: Any) -> Any:
-    """ruamel's round-trip types -> plain Python (for comparisons and logs)."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, bool) or value is None:
-        return value
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):
-        return float(value)
-    if isinstance(value, str):
-        return str(value)
-    return value
+def stage_names(keys: list[str], workspace: str | Path | None = None) -> list[str]:
+    """Every stage of dvc.yaml (the workspace's, by default this checkout's) for iterations `keys`, in the
+    order a flow run runs them."""
+    return [s.name for s in stage_plan(workspace or PROJECT_ROOT, keys)]
 
 
 # ------------------------------------------------------------------------------------------------ locks
@@ -370,94 +348,6 @@ def run_stage(stage: str, workspace: str) -> dict:
     return {"stage": stage, "status": _classify(lines), "seconds": round(time.perf_counter() - start, 2)}
 
 
-# -------------------------------------------------------------------------------------------- artifacts
-
-
-def _number(value: Any) -> Any:
-    if isinstance(value, float):
-        return None if math.isnan(value) else round(value, 6)
-    return value
-
-
-def iteration_metrics_rows(workspace: Path, k: str) -> list[dict]:
-    """One row per metric of iteration k: its stage, name and value (data/metrics/<k>/<stage>.json)."""
-    rows = []
-    for path in sorted((Path(workspace) / "data/metrics" / k).glob("*.json")):
-        for name, value in sorted(json.loads(path.read_text()).items()):
-            if name != "iteration":
-                rows.append({"stage": path.stem, "metric": name, "value": _number(value)})
-    return rows
-
-
-def _cell(text: Any, limit: int = SAMPLE_CHARS) -> str:
-    text = " ".join(str(text).split())  # one line per table cell
-    if len(text) > limit:
-        text = text[: limit - 1] + "…"
-    return text.replace("\\", "\\\\").replace("|", "\\|").replace("`", "'").replace("<", "&lt;") or "(empty)"
-
-
-def completions_markdown(workspace: Path, k: str, groups: int = SAMPLE_GROUPS) -> str:
-    """The best and worst completion of a few prompt groups of iteration k, with rewards and advantages."""
-    import pandas as pd
-
-    ws = Path(workspace)
-    df = pd.read_parquet(ws / "data/advantages" / f"{k}.parquet",
-                         columns=["prompt_id", "group_id", "completion", "reward", "advantage", "ground_truth",
-                                  "group_reward_mean", "group_reward_std", "finish_reason", "completion_tokens"])
-    questions: dict[str, str] = {}
-    prompts_path = ws / "data/prompts.parquet"
-    if prompts_path.exists():
-        prompts = pd.read_parquet(prompts_path, columns=["prompt_id", "question"])
-        questions = dict(zip(prompts["prompt_id"], prompts["question"]))
-    # most informative groups first: the largest reward spread, then a stable order
-    order = (df.groupby("group_id", sort=True)["reward"].std(ddof=0).fillna(0.0)
-             .sort_values(ascending=False, kind="stable").index[:groups])
-    lines = [f"## Iteration {k}: sample completions",
-             "",
-             f"{len(df)} completions in {df['group_id'].nunique()} groups; mean reward {df['reward'].mean():.3f}. "
-             f"The {len(order)} groups with the largest reward spread, best and worst completion of each "
-             f"(advantage = (reward - group mean) / (group std + eps)).", ""]
-    for i, group_id in enumerate(order, 1):
-        g = df[df["group_id"] == group_id].sort_values(["reward", "advantage"], ascending=False, kind="stable")
-        first = g.iloc[0]
-        question = questions.get(first["prompt_id"], first["prompt_id"])
-        lines += [f"### Group {i}: {_cell(question, 200)}",
-                  "",
-                  f"answer **{_cell(first['ground_truth'], 50)}**, {len(g)} completions, group reward mean "
-                  f"{first['group_reward_mean']:.3f}, std {first['group_reward_std']:.3f}",
-                  "",
-                  "| | reward | advantage | tokens | finish | completion |",
-                  "|---|---:|---:|---:|---|---|"]
-        for label, row in (("best", g.iloc[0]), ("worst", g.iloc[-1])):
-            lines.append(f"| {label} | {row['reward']:.3f} | {row['advantage']:+.3f} | {int(row['completion_tokens'])} "
-                         f"| {row['finish_reason']} | {_cell(row['completion'])} |")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def history_rows(workspace: Path) -> list[dict]:
-    """The headline metrics of every iteration so far (data/report/history.csv, written by the report stage)."""
-    import pandas as pd
-
-    path = Path(workspace) / "data/report/history.csv"
-    if not path.exists():
-        return []
-    history = pd.read_csv(path)
-    columns = [c for c in HISTORY_COLUMNS if c in history]
-    return [{c: _number(v.item() if hasattr(v, "item") else v) for c, v in row.items()}
-            for row in history[columns].to_dict(orient="records")]
-
-
-def publish_iteration(workspace: Path, k: str) -> None:
-    rows = iteration_metrics_rows(workspace, k)
-    if rows:
-        create_table_artifact(rows, key=f"grpo-iteration-{k}-metrics",
-                              description=f"Iteration {k}: every metric of data/metrics/{k}/*.json")
-    if (Path(workspace) / "data/advantages" / f"{k}.parquet").exists():
-        create_markdown_artifact(completions_markdown(workspace, k), key=f"grpo-iteration-{k}-completions",
-                                 description=f"Iteration {k}: best and worst completions of some groups")
-
-
 # ------------------------------------------------------------------------------------------------ flows
 
 
@@ -468,42 +358,45 @@ def _workspace(workspace: str | None) -> Path:
     return ws
 
 
-def run_iterations(ws: Path, changes: dict[str, Any] | Callable[[Path], dict[str, Any]], stage_retries: int,
-                   retry_delay_seconds: float) -> dict:
-    """The body of both flows: apply the parameter changes (a dict, or a function of params.yaml's path that
-    returns one, computed under the workspace lock), run every stage, publish artifacts."""
+ParamsEdit = Callable[[Path], dict[str, tuple[Any, Any]]]  # edits params.yaml, returns {key: (old, new)}
+
+
+def run_iterations(ws: Path, edit: ParamsEdit | None, stage_retries: int, retry_delay_seconds: float) -> dict:
+    """The body of both flows: edit params.yaml (under the workspace lock), run every stage, publish artifacts."""
     logger = get_run_logger()
     with workspace_lock(ws, RUN_LOCK, "the workspace (one flow run at a time)", logger):
         params_path = ws / "params.yaml"
-        if callable(changes):  # grpo-extend: from train.iterations as they are once this run holds the lock
-            changes = changes(params_path)
         before = iteration_keys(params_path)
-        changed = apply_overrides(params_path, changes) if changes else {}
+        changed = edit(params_path) if edit else {}
         for key, (old, new) in changed.items():
             logger.info("params.yaml: %s: %s -> %s", key, json.dumps(old), json.dumps(new))
-        if changes and not changed:
+        if edit and not changed:
             logger.info("params.yaml already has the requested values")
         keys = iteration_keys(params_path)
         if len(keys) < len(before):
             logger.warning("iterations reduced from %d to %d: outputs of iterations %d..%d stay in data/ "
                            "(the report reads every data/metrics/<k>/)", len(before), len(keys), len(keys) + 1, len(before))
-        logger.info("workspace %s: %d iterations, %d stages", ws, len(keys), len(stage_names(keys)))
+        plan = stage_plan(ws, keys)
+        logger.info("workspace %s: %d iterations, %d stages", ws, len(keys), len(plan))
 
-        progress = create_progress_artifact(0.0, key="grpo-progress", description=f"0 of {len(keys)} iterations done")
+        progress = artifacts.start_progress(len(keys))
         stage = run_stage.with_options(retries=stage_retries, retry_delay_seconds=retry_delay_seconds)
-        results = [stage(name, str(ws)) for name in BASE_STAGES]
-        for i, k in enumerate(keys, 1):
-            ran = [stage(f"{name}@{k}", str(ws)) for name in ITERATION_STAGES]
-            results += ran
-            if any(r["status"] != "skipped" for r in ran):
-                publish_iteration(ws, k)
-            update_progress_artifact(progress, 100.0 * i / len(keys),
-                                     description=f"{i} of {len(keys)} iterations done (iteration {k})")
-        results += [stage(name, str(ws)) for name in FINAL_STAGES]
-        rows = history_rows(ws)
-        if rows:
-            create_table_artifact(rows, key="grpo-history",
-                                  description="Every iteration so far (data/report/history.csv; iteration 0 is the base model)")
+        last = {s.iteration: i for i, s in enumerate(plan) if s.iteration is not None}  # where iteration k ends
+        results: list[dict] = []
+        of_iteration: dict[str, list[dict]] = defaultdict(list)
+        for i, planned in enumerate(plan):
+            result = stage(planned.name, str(ws))
+            results.append(result)
+            k = planned.iteration
+            if k is None:
+                continue
+            of_iteration[k].append(result)
+            if last[k] == i:
+                if any(r["status"] != "skipped" for r in of_iteration[k]):
+                    artifacts.publish_iteration(ws, k)
+                done = sum(last[j] <= i for j in last)
+                artifacts.publish_progress(progress, done, len(keys), k)
+        artifacts.publish_history(ws)
     summary = {
         "workspace": str(ws),
         "iterations": len(keys),
@@ -547,8 +440,9 @@ def grpo_train(
     if iterations is not None:
         if iterations < 1:
             raise ValueError(f"iterations = {iterations} is not allowed; expected an integer >= 1")
-        changes["train.iterations"] = {str(k): k - 1 for k in range(1, iterations + 1)}
-    return run_iterations(ws, changes, stage_retries, retry_delay_seconds)
+        changes["train.iterations"] = iterations_mapping(iterations)
+    return run_iterations(ws, (lambda path: edit_params(path, changes)) if changes else None, stage_retries,
+                          retry_delay_seconds)
 
 
 @flow(name="grpo-extend")
@@ -570,11 +464,12 @@ def grpo_extend(
         raise ValueError(f"add_iterations = {add_iterations} is not allowed; expected an integer >= 1")
     ws = _workspace(workspace)
 
-    def extended(params_path: Path) -> dict:
-        n = len(iteration_keys(params_path)) + add_iterations
-        return {"train.iterations": {str(k): k - 1 for k in range(1, n + 1)}}
+    def extend(params_path: Path) -> dict[str, tuple[Any, Any]]:
+        # `python -m pipeline.extend`'s code, on train.iterations as they are once this run holds the lock
+        n = extend_iterations(params_path, add_iterations)
+        return {"train.iterations": (iterations_mapping(n - add_iterations), iterations_mapping(n))}
 
-    return run_iterations(ws, extended, stage_retries, retry_delay_seconds)
+    return run_iterations(ws, extend, stage_retries, retry_delay_seconds)
 
 
 # -------------------------------------------------------------------------------------------------- CLI

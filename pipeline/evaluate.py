@@ -12,10 +12,9 @@ import pandas as pd
 from grpo.errors import InputError
 from grpo.config import load_params
 from grpo.contracts import PROMPTS, atomic_write, read_table
-from grpo.generation import SamplingSpec, make_backend, select_backend
+from grpo.backends import SamplingSpec, backend_options, make_backend, select_backend
 from grpo.rewards import RewardSettings, Sample
 from grpo.scoring import score_completions
-from pipeline.generate import backend_options
 from pipeline.stage import iteration_parser, read_json, run, stage, write_json
 
 

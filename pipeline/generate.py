@@ -13,17 +13,10 @@ import pyarrow as pa
 from grpo.errors import InputError
 from grpo.config import load_params
 from grpo.contracts import PROMPTS, ROLLOUTS, read_table, write_table
-from grpo.generation import SamplingSpec, iteration_batch, make_backend, request_seed, select_backend
+from grpo.backends import SamplingSpec, backend_options, make_backend, select_backend
+from grpo.generation import iteration_batch, request_seed
 from grpo.metrics import completion_metrics
 from pipeline.stage import iteration_parser, read_json, run, stage, write_json
-
-
-def backend_options(params, name: str) -> dict:
-    if name == "vllm":
-        v = params.rollout.vllm
-        return dict(dtype=v.dtype, max_model_len=v.max_model_len, gpu_memory_utilization=v.gpu_memory_utilization,
-                    tensor_parallel_size=v.tensor_parallel_size, enforce_eager=v.enforce_eager)
-    return {}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,7 +5,7 @@
     python scripts/bench_generation.py --backends vllm                   # one backend only
 
 Each backend runs in its own subprocess (fresh interpreter: its imports, threads and memory are its own) and is
-built with grpo.generation.make_backend, exactly as the generate stage builds it. Measured per backend:
+built with grpo.backends.make_backend, exactly as the generate stage builds it. Measured per backend:
 
     start     seconds to build the backend: imports + checkpoint load (+ vLLM engine start, its processes)
     generate  seconds of one backend.generate(prompts, SamplingSpec(n=G, ...), seeds) call
@@ -49,7 +49,7 @@ def run_backend(args) -> dict:
     """One backend, in this process: build, generate once, close. Returns the measurements."""
     import torch
 
-    from grpo.generation import SamplingSpec, make_backend
+    from grpo.backends import SamplingSpec, make_backend
 
     if args.backend == "hf" and args.hf_threads:
         torch.set_num_threads(args.hf_threads)

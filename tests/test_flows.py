@@ -27,7 +27,7 @@ from filelock import FileLock
 
 from flows.grpo_flow import (DVC_LOCK, StageCrash, StageUserError, stage_exit_status, stage_failure, stage_names,
                              stream_command)
-from tests.project import dvc, env, free_port, make_project, small_params, stop_process_group
+from tests.project import ROOT, dvc, env, free_port, make_project, small_params, stop_process_group
 
 pytestmark = pytest.mark.slow
 
@@ -216,6 +216,28 @@ def run_flow_on_server(server: Server, project: Path, *args: str) -> tuple[subpr
     assert len(new) == 1, f"expected one new flow run, got {len(new)}:\n{result.stdout}{result.stderr}"
     # the process has ended: its flow run is already in its final state
     return result, server.wait(new.pop(), timeout=120)
+
+
+# the order of a flow run's tasks, read from dvc.yaml: each stage after the stages whose outputs it reads
+TWO_ITERATIONS = ["check-inputs", "prepare-model", "prepare-prompts", "evaluate-base",
+                  "generate@1", "score@1", "advantages@1", "update@1", "evaluate@1",
+                  "generate@2", "score@2", "advantages@2", "update@2", "evaluate@2", "report"]
+
+
+def test_the_stage_list_is_read_from_dvc_yaml_in_dependency_order(tmp_path):
+    assert stage_names(["1", "2"]) == TWO_ITERATIONS
+    assert stage_names([]) == ["check-inputs", "prepare-model", "prepare-prompts", "evaluate-base", "report"]
+    # a workspace's own dvc.yaml, stages listed in another order: still each after what it depends on
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    order = ["report", "update", "evaluate-base", "prepare-prompts", "score", "generate", "evaluate",
+             "advantages", "check-inputs", "prepare-model"]
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {name: stages[name] for name in order}}))
+    shuffled = stage_names(["1", "2"], tmp_path)
+    assert sorted(shuffled) == sorted(TWO_ITERATIONS)
+    assert shuffled.index("generate@1") < shuffled.index("score@1") < shuffled.index("advantages@1") \
+        < shuffled.index("update@1") < shuffled.index("evaluate@1") < shuffled.index("generate@2")
+    assert shuffled.index("update@1") < shuffled.index("update@2") < shuffled.index("report") == len(shuffled) - 1
+    assert shuffled.index("prepare-model") < shuffled.index("prepare-prompts") < shuffled.index("evaluate-base")
 
 
 def _data_files(project: Path) -> dict[Path, int]:

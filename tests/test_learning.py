@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from grpo.advantages import group_advantages
-from grpo.generation import HFBackend, SamplingSpec, request_seed
+from grpo.backends import SamplingSpec
+from grpo.backends.hf import HFBackend
+from grpo.generation import request_seed
 from grpo.metrics import reward_metrics
 from grpo.models import load_checkpoint
 from grpo.rewards import REWARD_FUNCTIONS, RewardSettings, Sample

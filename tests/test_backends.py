@@ -1,0 +1,101 @@
+"""The backend registry: importing grpo.backends imports no backend, a backend's module is imported only when
+it is made, and an unknown name gets the registry's error."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from grpo.backends import BACKENDS, backend_options, make_backend, select_backend
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def modules_after(code: str) -> dict[str, bool]:
+    """Which of the heavy modules a fresh interpreter holds after running `code`."""
+    probe = ("import json, sys\n" + code + "\n"
+             "names = ['vllm', 'transformers', 'grpo.backends.hf', 'grpo.backends.vllm_backend', 'pipeline.generate']\n"
+             "print(json.dumps({n: n in sys.modules for n in names}))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_importing_the_package_imports_no_backend():
+    loaded = modules_after("import grpo.backends")
+    assert not any(loaded.values()), f"import grpo.backends loaded {[n for n, v in loaded.items() if v]}"
+
+
+def test_an_unknown_backend_gets_the_registry_error_and_imports_nothing():
+    loaded = modules_after(
+        "from grpo.backends import make_backend\n"
+        "try:\n"
+        "    make_backend('nope', 'unused')\n"
+        "except ValueError as e:\n"
+        "    assert str(e) == \"unknown rollout backend 'nope'; allowed: hf, vllm\", str(e)\n"
+        "else:\n"
+        "    raise SystemExit('no error')")
+    assert not any(loaded.values()), loaded
+    with pytest.raises(ValueError, match=r"unknown rollout backend 'nope'; allowed: hf, vllm"):
+        make_backend("nope", "unused")
+    with pytest.raises(ValueError, match=r"unknown rollout backend 'nope'"):
+        backend_options(SimpleNamespace(), "nope")
+
+
+def test_the_evaluate_stage_does_not_import_the_generate_stage():
+    assert modules_after("import pipeline.evaluate")["pipeline.generate"] is False
+
+
+@pytest.mark.parametrize("name", BACKENDS.names())
+def test_each_entry_names_a_module_that_defines_its_backend(name):
+    # read from the source, not imported: importing the module is make_backend's job
+    entry = BACKENDS.get(name)
+    spec = importlib.util.find_spec(entry.module)
+    assert spec is not None and spec.origin, f"{name}: no module {entry.module}"
+    tree = ast.parse(Path(spec.origin).read_text())
+    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+    assert entry.cls in classes, f"{name}: {entry.module} defines no class {entry.cls}"
+    names = [stmt.value.value for stmt in classes[entry.cls].body if isinstance(stmt, ast.Assign)
+             and [getattr(t, "id", None) for t in stmt.targets] == ["name"] and isinstance(stmt.value, ast.Constant)]
+    assert names == [name], f"{entry.module}.{entry.cls}.name is {names}, registered as {name!r}"
+
+
+def test_every_backend_module_is_named_in_an_import_statement_for_the_dependency_scans():
+    # make_backend imports by module name, which the static scans (tests/test_stage_deps.py) cannot follow
+    tree = ast.parse((ROOT / "grpo/backends/__init__.py").read_text())
+    declared = {f"{node.module}.{alias.name}" for node in ast.walk(tree)
+                if isinstance(node, ast.ImportFrom) and node.module == "grpo.backends" for alias in node.names}
+    assert declared == {BACKENDS.get(name).module for name in BACKENDS.names()}
+
+
+def test_backend_options_come_from_params():
+    vllm = SimpleNamespace(dtype="auto", max_model_len=1024, gpu_memory_utilization=0.5, tensor_parallel_size=1,
+                           enforce_eager=True, unrelated=3)
+    params = SimpleNamespace(rollout=SimpleNamespace(vllm=vllm))
+    assert backend_options(params, "hf") == {}
+    assert backend_options(params, "vllm") == dict(dtype="auto", max_model_len=1024, gpu_memory_utilization=0.5,
+                                                   tensor_parallel_size=1, enforce_eager=True)
+
+
+def test_select_backend_passes_an_explicit_name_through():
+    assert select_backend("hf") == "hf"
+    assert select_backend("vllm") == "vllm"
+    assert select_backend("auto") in BACKENDS
+
+
+def test_make_backend_imports_the_chosen_module_and_builds_its_class():
+    class Model:
+        def eval(self):
+            return self
+
+    model, tokenizer = Model(), SimpleNamespace()
+    backend = make_backend("hf", "unused", model=model, tokenizer=tokenizer, prompts_per_batch=3, dtype="float32")
+    assert type(backend).__module__ == "grpo.backends.hf" and backend.name == "hf"
+    assert (backend.model, backend.tokenizer, backend.prompts_per_batch) == (model, tokenizer, 3)
+    assert tokenizer.padding_side == "left"
