@@ -8,6 +8,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -57,8 +58,9 @@ def load_source(source: str, *, dtype: torch.dtype = torch.float32):
     return model, tokenizer
 
 
-def save_atomic(model, tokenizer, out_dir: str | Path, extra_files: dict[str, bytes] | None = None) -> Path:
-    """save_pretrained (safetensors) into a temporary sibling directory, then rename it into place."""
+def save_atomic(model, tokenizer, out_dir: str | Path, write_extra: Callable[[Path], None] | None = None) -> Path:
+    """save_pretrained (safetensors) into a temporary sibling directory, write_extra(that directory) for any
+    other file, then rename it into place."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out_dir)  # a killed earlier run's half-written checkpoint
@@ -67,8 +69,8 @@ def save_atomic(model, tokenizer, out_dir: str | Path, extra_files: dict[str, by
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        for name, data in (extra_files or {}).items():
-            (tmp / name).write_bytes(data)
+        if write_extra is not None:
+            write_extra(tmp)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

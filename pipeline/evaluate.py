@@ -10,12 +10,13 @@ import time
 import pandas as pd
 
 from grpo.errors import InputError
+from grpo.checkpoint import checkpoint_info
 from grpo.config import load_params
 from grpo.contracts import PROMPTS, atomic_write, read_table
 from grpo.backends import SamplingSpec, backend_options, make_backend, select_backend
 from grpo.rewards import RewardSettings, Sample
 from grpo.scoring import score_completions
-from pipeline.stage import iteration_parser, read_json, run, stage, write_json
+from pipeline.stage import iteration_parser, run, stage, write_json
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
             "correct": [v == 1.0 for v in scores[strict]["reward_correctness"]],
             "correct_lenient": [v == 1.0 for v in scores[False]["reward_correctness"]],
             "format_ok": [v == 1.0 for v in scores[True]["reward_format"]],
-            "policy": read_json(f"{args.policy}/checkpoint.json")["policy"],
+            "checkpoint_id": checkpoint_info(args.policy)["checkpoint_id"],
         })
         atomic_write(args.out, lambda tmp: results.to_parquet(tmp, index=False))
         metrics = {

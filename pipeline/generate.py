@@ -11,12 +11,13 @@ import pandas as pd
 import pyarrow as pa
 
 from grpo.errors import InputError
+from grpo.checkpoint import checkpoint_info
 from grpo.config import load_params
 from grpo.contracts import PROMPTS, ROLLOUTS, read_table, write_table
 from grpo.backends import SamplingSpec, backend_options, make_backend, select_backend
 from grpo.generation import iteration_batch, request_seed
 from grpo.metrics import completion_metrics
-from pipeline.stage import iteration_parser, read_json, run, stage, write_json
+from pipeline.stage import iteration_parser, run, stage, write_json
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
             raise InputError(f"{args.prompts}: no rows with split 'train'")
         batch = train.loc[iteration_batch(train.index.tolist(), params.train.seed, k, r.prompts_per_iteration)]
         seeds = [request_seed(params.train.seed, k, pid) for pid in batch.index]
-        policy_id = read_json(f"{args.policy}/checkpoint.json")["policy"]
+        checkpoint_id = checkpoint_info(args.policy)["checkpoint_id"]
         name = select_backend(r.backend)
         backend = make_backend(name, args.policy, **backend_options(params, name))
         try:
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
                     "completion_token_ids": c.token_ids, "completion_logprobs": c.logprobs,
                     "finish_reason": c.finish_reason, "completion_tokens": len(c.token_ids),
                     "ground_truth": prompt["ground_truth"], "data_source": prompt["data_source"],
-                    "policy": policy_id, "backend": name, "temperature": r.temperature, "top_p": r.top_p,
+                    "checkpoint_id": checkpoint_id, "backend": name, "temperature": r.temperature, "top_p": r.top_p,
                     "seed": seed,
                 })
         write_table(pa.Table.from_pylist(rows, schema=ROLLOUTS.schema), args.out, ROLLOUTS)

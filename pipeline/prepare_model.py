@@ -6,10 +6,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from grpo.config import load_params
-from grpo.models import load_source, save_atomic
+from grpo.checkpoint import save_checkpoint
+from grpo.models import load_source
 from pipeline.stage import run, stage
 
 
@@ -21,9 +21,9 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params)
     with stage("prepare-model", reads=[params.model.source], writes=[args.out]) as log:
         model, tokenizer = load_source(params.model.source)
-        info = {"source": params.model.source, "policy": "base", "iteration": 0,
+        info = {"source": params.model.source, "checkpoint_id": "base", "iteration": 0,
                 "parameters": sum(p.numel() for p in model.parameters())}
-        save_atomic(model, tokenizer, args.out, {"checkpoint.json": json.dumps(info, indent=2).encode()})
+        save_checkpoint(args.out, model, tokenizer, info)
         log.update(parameters=f"{info['parameters'] / 1e6:.1f}M")
 
 

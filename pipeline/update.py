@@ -7,22 +7,17 @@ advantaged rollouts; writes checkpoint k. The frozen reference for the KL term i
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from grpo.config import load_params
 from grpo.contracts import ADVANTAGES, read_table
-from grpo.models import load_checkpoint, save_atomic
+from grpo.checkpoint import checkpoint_info, load_optimizer_state, load_trainer_state, save_checkpoint
+from grpo.models import load_checkpoint
 from grpo.trainer import Rollouts, UpdateConfig, grpo_update
 from pipeline.stage import iteration_parser, run, stage, write_json
-
-OPTIMIZER_FILE = "optimizer.pt"  # AdamW state_dict: torch.load(path, weights_only=True)
-TRAINER_STATE_FILE = "trainer_state.pt"  # step counters and RNG state: torch.load(path, weights_only=True)
-
 
 def main(argv: list[str] | None = None) -> None:
     args = iteration_parser(__doc__, policy="checkpoint k-1", reference="frozen reference model (the base)",
@@ -41,13 +36,9 @@ def main(argv: list[str] | None = None) -> None:
             reference, _ = load_checkpoint(args.reference)
             reference.eval().requires_grad_(False)
         optimizer = torch.optim.AdamW(policy.parameters(), lr=o.learning_rate, weight_decay=o.weight_decay)
-        previous_state = Path(args.policy) / OPTIMIZER_FILE
-        if previous_state.exists():  # AdamW moments carry over between iterations
-            optimizer.load_state_dict(torch.load(previous_state, weights_only=True))
-            for group in optimizer.param_groups:  # params.yaml wins over the saved hyper-parameters
-                group.update(lr=o.learning_rate, weight_decay=o.weight_decay)
-        previous_trainer = Path(args.policy) / TRAINER_STATE_FILE
-        global_step = torch.load(previous_trainer, weights_only=True)["global_step"] if previous_trainer.exists() else 0
+        # AdamW moments and the step count carry over between iterations; params.yaml's values win
+        load_optimizer_state(optimizer, args.policy, lr=o.learning_rate, weight_decay=o.weight_decay)
+        global_step = load_trainer_state(args.policy)["global_step"]
 
         cfg = UpdateConfig(
             epochs=o.epochs, minibatch_size=o.minibatch_size, micro_batch_size=o.micro_batch_size,
@@ -76,23 +67,11 @@ def main(argv: list[str] | None = None) -> None:
             if lcfg.mask_truncated_completions:
                 metrics["num_truncated_masked"] = int((table["finish_reason"] == "length").sum())
         global_step += metrics.get("optimizer_steps", 0)
-        trainer_state = {"iteration": k, "global_step": global_step,
-                         "torch_rng_state": torch.get_rng_state()}
-        info = {"policy": f"iter-{k}", "iteration": k, "parent": json.loads((Path(args.policy) / "checkpoint.json").read_text())["policy"],
+        trainer_state = {"iteration": k, "global_step": global_step, "torch_rng_state": torch.get_rng_state()}
+        info = {"checkpoint_id": f"iter-{k}", "iteration": k, "parent": checkpoint_info(args.policy)["checkpoint_id"],
                 "global_step": global_step}
-
-        def extras() -> dict[str, bytes]:
-            import io
-
-            files = {"checkpoint.json": json.dumps(info, indent=2).encode()}
-            for name, obj in ((OPTIMIZER_FILE, optimizer.state_dict()), (TRAINER_STATE_FILE, trainer_state)):
-                buffer = io.BytesIO()
-                torch.save(obj, buffer)
-                files[name] = buffer.getvalue()
-            return files
-
         policy.eval()
-        save_atomic(policy, tokenizer, args.out, extras())
+        save_checkpoint(args.out, policy, tokenizer, info, optimizer=optimizer, trainer_state=trainer_state)
         tokens = int(table["completion_tokens"].sum())
         seconds = time.perf_counter() - start
         metrics.update({"iteration": k, "global_step": global_step, "num_completions_trained": int(len(table)),

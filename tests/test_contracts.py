@@ -20,7 +20,7 @@ def rollout_rows(n=2):
             "iteration": 1, "prompt_id": "p0", "group_id": "1-p0", "sample_index": i, "prompt": "What is 2+2?",
             "completion": "#### 4", "prompt_token_ids": [1, 2, 3], "completion_token_ids": [4, 5],
             "completion_logprobs": [-0.1, -0.2], "finish_reason": "stop", "completion_tokens": 2,
-            "ground_truth": "4", "data_source": "synthetic", "policy": "base", "backend": "hf",
+            "ground_truth": "4", "data_source": "synthetic", "checkpoint_id": "base", "backend": "hf",
             "temperature": 1.0, "top_p": 1.0, "seed": 7,
         }
         for i in range(n)

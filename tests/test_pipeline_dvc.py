@@ -52,7 +52,7 @@ def test_repro_writes_every_output_valid_against_its_contract(finished_project):
                      "clip_ratio/high_mean", "clip_ratio/region_mean", "sampling/logp_diff_mean"):
             assert name in update, name
     # iteration 2 samples from checkpoint 1
-    assert set(pd.read_parquet(p / "data/rollouts/2.parquet")["policy"]) == {"iter-1"}
+    assert set(pd.read_parquet(p / "data/rollouts/2.parquet")["checkpoint_id"]) == {"iter-1"}
     # the AdamW step counter carries over: iteration 2 continues iteration 1's optimizer
     import torch
 

@@ -235,7 +235,7 @@ def test_the_update_stage_writes_no_checkpoint_on_a_nan_loss(tmp_path, tiny_mode
 
     policy_dir = tmp_path / "checkpoints/0"
     shutil.copytree(tiny_model_dir, policy_dir)
-    (policy_dir / "checkpoint.json").write_text(json.dumps({"policy": "base", "iteration": 0}))
+    (policy_dir / "checkpoint.json").write_text(json.dumps({"checkpoint_id": "base", "iteration": 0}))
     r = _rollouts(n=4, seed=8)
     rows = []
     for i in range(4):
@@ -243,7 +243,7 @@ def test_the_update_stage_writes_no_checkpoint_on_a_nan_loss(tmp_path, tiny_mode
                      "completion": "a", "prompt_token_ids": r.prompt_ids[i], "completion_token_ids": r.completion_ids[i],
                      "completion_logprobs": [-1.0] * len(r.completion_ids[i]), "finish_reason": "stop",
                      "completion_tokens": len(r.completion_ids[i]), "ground_truth": "1", "data_source": "t",
-                     "policy": "base", "backend": "hf", "temperature": 0.7, "top_p": 1.0, "seed": 0, "reward": 1.0,
+                     "checkpoint_id": "base", "backend": "hf", "temperature": 0.7, "top_p": 1.0, "seed": 0, "reward": 1.0,
                      "reward_error": None, "group_reward_mean": 0.5, "group_reward_std": 0.5,
                      "advantage": float("nan") if i == 2 else 1.0, "kept": True})
     advantages = tmp_path / "advantages.parquet"
