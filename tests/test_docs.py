@@ -102,3 +102,11 @@ def test_every_output_path_in_the_docs_is_a_stage_output(doc):
             if not is_output(token, patterns):
                 wrong.append(token)
     assert not wrong, f"{doc} names data paths no stage writes: {sorted(set(wrong))}"
+
+
+def test_the_readme_map_names_every_library_and_flow_module():
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index("## What is here"):text.index("## The algorithm")]
+    modules = [p for d in ("grpo", "grpo/backends", "flows") for p in (ROOT / d).glob("*.py") if p.name != "__init__.py"]
+    missing = [p.relative_to(ROOT).as_posix() for p in modules if p.name not in block]
+    assert not missing, f"README's 'What is here' does not mention {missing}"
