@@ -36,10 +36,10 @@ class GroupStats:
     degenerate: torch.Tensor  # [N] bool: all rewards in the group equal, or a group of one
 
 
-def group_index(group_ids: Sequence[Hashable]) -> torch.Tensor:
+def group_index(group_ids: Sequence[Hashable], device: torch.device | str = "cpu") -> torch.Tensor:
     """Map hashable group ids to 0..K-1 in order of first appearance."""
     numbering: dict[Hashable, int] = {}
-    return torch.tensor([numbering.setdefault(g, len(numbering)) for g in group_ids], dtype=torch.long)
+    return torch.tensor([numbering.setdefault(g, len(numbering)) for g in group_ids], dtype=torch.long, device=device)
 
 
 def group_stats(rewards: torch.Tensor, group_ids: Sequence[Hashable]) -> GroupStats:
@@ -47,11 +47,11 @@ def group_stats(rewards: torch.Tensor, group_ids: Sequence[Hashable]) -> GroupSt
         raise ValueError(f"rewards must be 1-D, got shape {tuple(rewards.shape)}")
     if len(group_ids) != rewards.numel():
         raise ValueError(f"group_ids has {len(group_ids)} entries but rewards has {rewards.numel()}")
-    index = group_index(group_ids)
-    k = int(index.max()) + 1 if index.numel() else 0
+    index = group_index(group_ids, rewards.device)  # every tensor below lives on the rewards' device
+    k = len(set(group_ids))
 
     def per_group_sum(x: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(k, dtype=x.dtype).index_add_(0, index, x)[index]
+        return torch.zeros(k, dtype=x.dtype, device=x.device).index_add_(0, index, x)[index]
 
     size = per_group_sum(torch.ones_like(rewards))
     mean = per_group_sum(rewards) / size
@@ -86,7 +86,8 @@ def _scale_none(rewards: torch.Tensor, stats: GroupStats, eps: float) -> torch.T
 def group_advantages(
     rewards: torch.Tensor, group_ids: Sequence[Hashable], *, scale: str = "group", eps: float = 1e-4
 ) -> torch.Tensor:
-    """Advantage of each completion relative to its group. Returns a [N] tensor in rewards' dtype."""
+    """Advantage of each completion relative to its group. Returns a [N] tensor in rewards' dtype, on rewards'
+    device."""
     rewards = torch.as_tensor(rewards)
     if not rewards.is_floating_point():
         rewards = rewards.to(torch.get_default_dtype())

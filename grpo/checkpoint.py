@@ -2,42 +2,72 @@
 atomically (grpo.models.save_atomic), so iteration k+1 continues exactly where iteration k stopped.
 
     data/checkpoints/<k>/
-        model.safetensors, config.json, tokenizer files    save_pretrained
+        model.safetensors, config.json, tokenizer files    save_pretrained (the whole, unsharded weights)
         checkpoint.json     {"checkpoint_id": "iter-k", "iteration": k, "parent": ..., "global_step": ...}
-        optimizer.pt        AdamW state_dict           torch.load(path, weights_only=True)
+        optimizer/          AdamW state, torch.distributed.checkpoint (DCP): .metadata and one __<rank>_0.distcp
+                            per rank, each holding that rank's shard of the moments (no rank ever builds the
+                            whole state); keyed by parameter name, so any number of ranks can load it
         trainer_state.pt    {"iteration", "global_step", "torch_rng_state"}
+
+The optimizer format is the same for 1 and N processes: a 1-process run writes one shard holding all of
+it, and a run with another number of ranks re-shards on load (DCP reads each rank's slices).
+`read_optimizer_state` gives the whole state as one plain dict, for inspection.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
+import warnings
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from grpo.models import save_atomic
+from grpo.distributed import World, barrier, broadcast_object, full_state_dict, world_size
+from grpo.models import INFO_FILE, save_atomic, temporary_dir
 
-INFO_FILE = "checkpoint.json"
-OPTIMIZER_FILE = "optimizer.pt"
+OPTIMIZER_DIR = "optimizer"
 TRAINER_STATE_FILE = "trainer_state.pt"
 
 
-def checkpoint_info(checkpoint_dir: str | Path) -> dict:
-    """checkpoint.json: the checkpoint's id ("base", "iter-k"), iteration, parent, global_step."""
-    return json.loads((Path(checkpoint_dir) / INFO_FILE).read_text())
+def _dcp(fn, state: dict, path: Path) -> None:
+    """dcp.save / dcp.load; without a process group DCP runs in this process alone (and would warn so)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        fn(state, checkpoint_id=path, no_dist=world_size() == 1)
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, checkpoint_dir: str | Path, **hyperparameters) -> bool:
-    """Load the AdamW moments saved with the checkpoint, if any (the base has none); `hyperparameters`
-    (lr, weight_decay, ...) from params.yaml then win over the saved ones. True when a state was loaded."""
-    path = Path(checkpoint_dir) / OPTIMIZER_FILE
+def load_optimizer_state(optimizer: torch.optim.Optimizer, model: torch.nn.Module, checkpoint_dir: str | Path,
+                         **hyperparameters) -> bool:
+    """Load the AdamW moments saved with the checkpoint, if any (the base has none), into this run's layout
+    (this rank's shards under FSDP; every rank calls it); `hyperparameters` (lr, weight_decay, ...) from
+    params.yaml then win over the saved ones. True when a state was loaded."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    path = Path(checkpoint_dir) / OPTIMIZER_DIR
     if not path.exists():
         return False
-    optimizer.load_state_dict(torch.load(path, weights_only=True))
+    # the target to load into: this optimizer's state dict, keyed by parameter name (for a fresh optimizer,
+    # get_optimizer_state_dict first creates zero moments with a zero-gradient, lr 0 step: no weight moves)
+    state = get_optimizer_state_dict(model, optimizer)
+    _dcp(dcp.load, state, path)
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state)
     for group in optimizer.param_groups:
         group.update(hyperparameters)
     return True
+
+
+def read_optimizer_state(checkpoint_dir: str | Path) -> dict:
+    """The whole optimizer state of a checkpoint as one plain dict {"state": {param name: {"step", "exp_avg",
+    "exp_avg_sq"}}, "param_groups": [...]} (for inspection and tests: it builds every moment in memory)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(Path(checkpoint_dir) / OPTIMIZER_DIR, Path(tmp) / "optimizer.pt")
+        return torch.load(Path(tmp) / "optimizer.pt", weights_only=True)
 
 
 def load_trainer_state(checkpoint_dir: str | Path) -> dict:
@@ -47,14 +77,36 @@ def load_trainer_state(checkpoint_dir: str | Path) -> dict:
 
 
 def save_checkpoint(out_dir: str | Path, model, tokenizer, info: dict, *,
-                    optimizer: Optional[torch.optim.Optimizer] = None, trainer_state: Optional[dict] = None) -> Path:
-    """Write the checkpoint folder atomically; every file is saved straight into the temporary folder."""
+                    optimizer: Optional[torch.optim.Optimizer] = None, trainer_state: Optional[dict] = None,
+                    world: Optional[World] = None) -> Path:
+    """Write the checkpoint folder atomically; every file is saved straight into the temporary folder.
 
-    def write_extra(tmp: Path) -> None:
-        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-        if optimizer is not None:
-            torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+    With several ranks every rank calls it: each writes its shard of the optimizer state into the temporary
+    folder rank 0 made, then rank 0 writes the whole weights (gathered onto its CPU) and the small files and
+    renames the folder into place."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    world = world or World(0, 1, torch.device("cpu"))
+    weights = full_state_dict(model, world)  # None in a world of one: save_pretrained reads the model itself
+    # no optimizer step taken yet (an iteration without kept rollouts from the base): no state to save
+    moments = get_optimizer_state_dict(model, optimizer) if optimizer is not None and optimizer.state else None
+    tmp = broadcast_object(temporary_dir(out_dir) if world.is_main else None)
+    try:
+        if moments is not None:
+            _dcp(dcp.save, moments, tmp / OPTIMIZER_DIR)
+        barrier()  # every shard is written
+    except BaseException:
+        if world.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    def write_extra(folder: Path) -> None:
+        (folder / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
         if trainer_state is not None:
-            torch.save(trainer_state, tmp / TRAINER_STATE_FILE)
+            torch.save(trainer_state, folder / TRAINER_STATE_FILE)
 
-    return save_atomic(model, tokenizer, out_dir, write_extra)
+    if world.is_main:
+        save_atomic(model, tokenizer, out_dir, write_extra, tmp=tmp, state_dict=weights)
+    barrier()  # no rank goes on (or exits) before the checkpoint is in place
+    return Path(out_dir)

@@ -137,12 +137,18 @@ class OptimConfig:
     minibatch_size: int = _spec(**_positive_int())  # completions per optimizer step
     micro_batch_size: int = _spec(**_positive_int())  # completions per forward/backward (grad accumulation)
     max_grad_norm: float = _spec(allowed="a float > 0", check=lambda v: v > 0)
-    bf16: bool = _spec(allowed="true or false")  # bf16 autocast for the forward passes
+    bf16: bool = _spec(allowed="true or false")  # bf16 autocast for the forward passes (and a bf16 reference)
+    # recompute each decoder layer's activations in the backward pass instead of keeping them
+    gradient_checkpointing: bool = _spec(allowed="true or false")
+    # processes of the update stage (torchrun; the policy sharded over them with FSDP2); 1 = no torchrun
+    nproc_per_node: int = _spec(**_positive_int())
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = _spec(allowed="an integer >= 0", check=lambda v: v >= 0)
+    # where the update runs: auto = CUDA when a CUDA device is visible, else the CPU
+    device: str = _spec(**_choice(["auto", "cpu", "cuda"]))
     # iteration k -> the checkpoint it starts from (k - 1; 0 is the base model). dvc.yaml makes one
     # generate@k -> score@k -> advantages@k -> update@k chain per entry (DVC forbids cycles, so each
     # iteration names its predecessor). To extend a run, add the next line, e.g. "5: 4".

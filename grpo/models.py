@@ -4,6 +4,7 @@ directory, or a Hugging Face model id; saved as safetensors + tokenizer + chat t
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -16,6 +17,14 @@ from grpo.contracts import remove_stale_temporaries, temporary_prefix
 from grpo.errors import InputError
 
 EMBEDDED = "embedded"
+
+
+INFO_FILE = "checkpoint.json"  # a checkpoint folder's id and lineage, beside the weights
+
+
+def checkpoint_info(checkpoint_dir: str | Path) -> dict:
+    """checkpoint.json: the checkpoint's id ("base", "iter-k"), iteration, parent, global_step."""
+    return json.loads((Path(checkpoint_dir) / INFO_FILE).read_text())
 
 
 def embedded_gguf() -> Path:
@@ -58,26 +67,49 @@ def load_source(source: str, *, dtype: torch.dtype = torch.float32):
     return model, tokenizer
 
 
-def save_atomic(model, tokenizer, out_dir: str | Path, write_extra: Callable[[Path], None] | None = None) -> Path:
-    """save_pretrained (safetensors) into a temporary sibling directory, write_extra(that directory) for any
-    other file, then rename it into place."""
+def resolve_device(name: str) -> torch.device:
+    """train.device -> a torch.device: 'auto' is CUDA when a CUDA device is visible, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("train.device is 'cuda' but no CUDA device is visible (use 'auto' or 'cpu')")
+    return torch.device(name)
+
+
+def temporary_dir(out_dir: str | Path) -> Path:
+    """A new empty temporary sibling of `out_dir` (what a killed earlier run left there is removed first)."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out_dir)  # a killed earlier run's half-written checkpoint
     tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(out_dir), suffix=".tmp", dir=out_dir.parent))
     tmp.chmod(0o755)  # mkdtemp makes it owner-only
+    return tmp
+
+
+def publish(tmp: Path, out_dir: str | Path) -> Path:
+    """Rename the finished temporary directory into place (replacing an older `out_dir`)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def save_atomic(model, tokenizer, out_dir: str | Path, write_extra: Callable[[Path], None] | None = None, *,
+                tmp: Path | None = None, state_dict: dict | None = None) -> Path:
+    """save_pretrained (safetensors) into a temporary sibling directory (`tmp`, or a new one), write_extra(that
+    directory) for any other file, then rename it into place. `state_dict`: the weights to write when the
+    model's own parameters are shards (grpo.distributed.full_state_dict)."""
+    tmp = temporary_dir(out_dir) if tmp is None else tmp
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         if write_extra is not None:
             write_extra(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        return publish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out_dir
 
 
 def load_checkpoint(path: str | Path, *, dtype: torch.dtype = torch.float32):

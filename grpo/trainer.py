@@ -15,6 +15,18 @@ pi_old is logp detached when the batch is one optimizer step (mu = 1 and one min
 num_iterations=1 with steps_per_generation=1); otherwise it is computed once, before the first step, and
 kept, so the clip bounds every later step to the policy that sampled (without it the ratio would stay 1
 and nothing would limit how far the minibatches after the first move the policy).
+
+Several ranks (torchrun, the policy sharded with FSDP2 by grpo.distributed.shard_model): every rank draws the
+same shuffle, and rank r takes minibatch[r::W] of each minibatch. The loss of rank r is its share of the
+minibatch's sum divided by the GLOBAL count N = sum_r N_r (all-reduced); rank r back-propagates W * loss_r and
+FSDP averages the ranks' gradients (reduce-scatter mean):
+
+    (1/W) sum_r grad( W * sum_{i,t in share r} w_it * loss_it / N ) = grad( sum_{i,t} w_it * loss_it / N )
+
+which is the 1-process gradient, whatever the ranks' token counts. Every forward of a sharded model is a
+collective, so every rank runs the same number of micro-batches: a rank whose share is shorter runs
+placeholder micro-batches (one row, mask 0: no loss, no gradient). The tensors of the update live on the
+device of the policy (`device`); nothing is pinned to the CPU.
 """
 
 from __future__ import annotations
@@ -26,6 +38,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from grpo.distributed import all_reduce_sum, rank, world_size
 from grpo.errors import NonFiniteError
 from grpo.logprobs import token_entropy, token_logprobs
 from grpo.loss import LOSS_AGGREGATIONS, policy_loss
@@ -119,7 +132,7 @@ class UpdateConfig:
 
 @dataclass
 class Precomputed:
-    """Per-completion tensors fixed for the whole update (each [len(completion)], on the CPU)."""
+    """Per-completion tensors fixed for the whole update (each [len(completion)], on the update's device)."""
 
     ref_logprobs: Optional[list[torch.Tensor]]
     old_logprobs: Optional[list[torch.Tensor]]
@@ -138,12 +151,55 @@ def _micro_batches(indices: list[int], size: int) -> list[list[int]]:
     return [indices[i : i + size] for i in range(0, len(indices), size)]
 
 
+def rank_micro_batches(indices: list[int], size: int, rank: int, world: int) -> list[list[int]]:
+    """This rank's micro-batches of `indices`: its share indices[rank::world] cut into micro-batches of `size`,
+    then empty ones (placeholders) up to the count every rank runs, ceil(ceil(len / world) / size).
+    One rank: the micro-batches of `indices`, none empty."""
+    micro = _micro_batches(indices[rank::world], size)
+    rounds = math.ceil(math.ceil(len(indices) / world) / size)
+    return micro + [[] for _ in range(rounds - len(micro))]
+
+
+def _collate_rows(rollouts: Rollouts, idx: list[int], cfg: UpdateConfig, device) -> Batch:
+    return collate([rollouts.prompt_ids[i] for i in idx], [rollouts.completion_ids[i] for i in idx], cfg.pad_id,
+                   device)
+
+
 def _completion_mask(batch: Batch, rollouts: Rollouts, idx: list[int]) -> torch.Tensor:
     mask = batch.completion_mask
+    if not idx:  # a placeholder micro-batch: no token counts
+        return torch.zeros_like(mask)
     if rollouts.in_loss is not None:
         keep = torch.tensor([float(rollouts.in_loss[i]) for i in idx], device=mask.device)
         mask = mask * keep[:, None]
     return mask
+
+
+def global_count(local: torch.Tensor) -> torch.Tensor:
+    """N of the whole minibatch (sequences or tokens): each rank's count of its share, summed over ranks."""
+    return all_reduce_sum(local)
+
+
+def _sampled_token_logprobs(models: list, rollouts: Rollouts, cfg: UpdateConfig, device) -> list[list[torch.Tensor]]:
+    """For each model, log pi(o_t | q, o_<t) of every sampled token: one [len(completion)] tensor per completion.
+
+    Rank r computes the completions r::W into an [N, L_max] table that is zero elsewhere; the tables are summed
+    over ranks (each row comes from exactly one rank, so the sum is exact) and every rank gets every row."""
+    n = len(rollouts)
+    width = max([1, *map(len, rollouts.completion_ids)])  # as collate: at least one column
+    tables: list[Optional[torch.Tensor]] = [None] * len(models)
+    with torch.no_grad():
+        for idx in rank_micro_batches(list(range(n)), cfg.micro_batch_size, rank(), world_size()):
+            # a placeholder micro-batch runs row 0 and keeps nothing: the forwards of a sharded model are
+            # collectives, every rank runs as many
+            batch = _collate_rows(rollouts, idx or [0], cfg, device)
+            for m, model in enumerate(models):
+                lp, _ = forward_logprobs(model, batch, temperature=cfg.temperature, autocast=cfg.autocast)
+                if tables[m] is None:
+                    tables[m] = torch.zeros(n, width, dtype=lp.dtype, device=lp.device)
+                tables[m][idx, : lp.shape[1]] = lp[: len(idx)]
+    tables = [all_reduce_sum(table) for table in tables]
+    return [[table[i, : len(c)] for i, c in enumerate(rollouts.completion_ids)] for table in tables]
 
 
 def precompute(policy, reference, rollouts: Rollouts, cfg: UpdateConfig, needs_old: bool,
@@ -152,22 +208,15 @@ def precompute(policy, reference, rollouts: Rollouts, cfg: UpdateConfig, needs_o
     n = len(rollouts)
     needs_ref = reference is not None and cfg.loss_kwargs.get("beta", 0.0) != 0.0
     needs_old = needs_old or rollouts.sampler_logprobs is not None
-    ref: list[Optional[torch.Tensor]] = [None] * n
-    old: list[Optional[torch.Tensor]] = [None] * n
-    if needs_ref or needs_old:
-        with torch.no_grad():
-            for idx in _micro_batches(list(range(n)), cfg.micro_batch_size):
-                batch = collate([rollouts.prompt_ids[i] for i in idx], [rollouts.completion_ids[i] for i in idx],
-                                cfg.pad_id, device)
-                for model, store, wanted in ((reference, ref, needs_ref), (policy, old, needs_old)):
-                    if wanted:
-                        lp, _ = forward_logprobs(model, batch, temperature=cfg.temperature, autocast=cfg.autocast)
-                        for k, i in enumerate(idx):
-                            store[i] = lp[k, : len(rollouts.completion_ids[i])].cpu()
-    out = Precomputed(ref if needs_ref else None, old if needs_old else None, None)
+    models = ([reference] if needs_ref else []) + ([policy] if needs_old else [])
+    computed = _sampled_token_logprobs(models, rollouts, cfg, device) if models else []
+    ref = computed[0] if needs_ref else None
+    old = computed[-1] if needs_old else None
+    out = Precomputed(ref, old, None)
     if rollouts.sampler_logprobs is not None:
         # Sampler / trainer mismatch: the trainer's log-probs of the sampled tokens against the sampler's.
-        sampler = [torch.tensor(rollouts.sampler_logprobs[i], dtype=old[i].dtype) for i in range(n)]
+        sampler = [torch.tensor(rollouts.sampler_logprobs[i], dtype=old[i].dtype, device=old[i].device)
+                   for i in range(n)]
         diffs = torch.cat([(old[i] - sampler[i]).abs() for i in range(n)])
         out.metrics["sampling/logp_diff_mean"] = float(diffs.mean()) if diffs.numel() else 0.0
         out.metrics["sampling/logp_diff_max"] = float(diffs.max()) if diffs.numel() else 0.0
@@ -188,41 +237,56 @@ def optimizer_step(policy, optimizer, rollouts: Rollouts, minibatch: list[int], 
     """Accumulate the gradient of one minibatch over its micro-batches, clip it, take one AdamW step.
 
     Every micro-batch's loss is normalised by the minibatch's count N (its sequences, or its tokens for
-    token_mean), so the micro-batch losses, and their gradients, add up to the minibatch's exactly."""
+    token_mean), so the micro-batch losses, and their gradients, add up to the minibatch's exactly. With
+    several ranks this rank runs its share minibatch[rank::W], N is summed over ranks (global_count) and the
+    statistics are summed over ranks too, so every rank returns the step's numbers for the whole minibatch."""
     aggregation = LOSS_AGGREGATIONS.get(cfg.loss_kwargs.get("aggregation", "seq_mean_token_mean"))
-    micro = _micro_batches(minibatch, cfg.micro_batch_size)
-    batches = [collate([rollouts.prompt_ids[i] for i in idx], [rollouts.completion_ids[i] for i in idx], cfg.pad_id,
-                       device) for idx in micro]
+    world = world_size()
+    micro = rank_micro_batches(minibatch, cfg.micro_batch_size, rank(), world)
+    # a placeholder (empty) micro-batch runs the minibatch's first row with a zero mask: no loss, no gradient
+    batches = [_collate_rows(rollouts, idx or minibatch[:1], cfg, device) for idx in micro]
     masks = [_completion_mask(b, rollouts, idx) for b, idx in zip(batches, micro)]
-    num_units = sum(float(aggregation.count(m)) for m in masks)
+    local = sum(float(aggregation.count(m)) for m, idx in zip(masks, micro) if idx)
+    num_units = float(global_count(torch.tensor(local, dtype=torch.float64, device=device)))
     optimizer.zero_grad(set_to_none=True)
     totals: dict[str, float] = {name: 0.0 for name in STEP_STATS}
     tokens = 0.0
-    for idx, batch, mask in zip(micro, batches, masks):
+    size = cfg.micro_batch_size
+    for j, (idx, batch, mask) in enumerate(zip(micro, batches, masks)):
+        rows = idx or minibatch[:1]
         width = batch.completion_ids.shape[1]
         logp, entropy = forward_logprobs(policy, batch, temperature=cfg.temperature, autocast=cfg.autocast,
                                          with_entropy=True)
-        old = logp.detach() if fixed.old_logprobs is None else _padded(fixed.old_logprobs, idx, width, logp)
-        ref = None if fixed.ref_logprobs is None else _padded(fixed.ref_logprobs, idx, width, logp)
-        weights = None if fixed.is_weights is None else _padded(fixed.is_weights, idx, width, logp)
-        loss, stats = policy_loss(logp, old, rollouts.advantages[idx].to(logp), mask.to(logp), ref_logprobs=ref,
+        old = logp.detach() if fixed.old_logprobs is None else _padded(fixed.old_logprobs, rows, width, logp)
+        ref = None if fixed.ref_logprobs is None else _padded(fixed.ref_logprobs, rows, width, logp)
+        weights = None if fixed.is_weights is None else _padded(fixed.is_weights, rows, width, logp)
+        loss, stats = policy_loss(logp, old, rollouts.advantages[rows].to(logp), mask.to(logp), ref_logprobs=ref,
                                   is_weights=weights, num_units=num_units, **cfg.loss_kwargs)
-        if not torch.isfinite(loss):
-            raise NonFiniteError(f"loss is {float(loss.detach())}; lower optim.learning_rate or check the rollouts")
-        loss.backward()
+        # summed over ranks: non-finite on every rank when it is on one, so that all ranks stop together
+        summed = all_reduce_sum(loss.detach().clone())
+        if not torch.isfinite(summed):
+            raise NonFiniteError(f"loss is {float(summed)}; lower optim.learning_rate or check the rollouts")
+        # FSDP averages the ranks' gradients: (1/W) sum_r grad(W * loss_r) = sum_r grad(loss_r), the 1-process
+        # gradient (each loss_r is already divided by the global N); W = 1 leaves the loss as it is
+        (loss * world).backward()
         stats["entropy"] = float((entropy * mask).sum() / mask.sum().clamp(min=1))
         # the step's loss is the sum of its micro-batch losses; the rest are token means
         totals["loss"] += stats["loss"]
         for name in STEP_STATS[1:]:
             totals[name] += stats[name] * stats["num_tokens"]
         tokens += stats["num_tokens"]
-        progress(len(idx))
+        # completions of this round on all ranks: positions [j * size * W, (j + 1) * size * W) of the minibatch
+        progress(len(minibatch[j * size * world : (j + 1) * size * world]))
     grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm))
     if not math.isfinite(grad_norm):
         raise NonFiniteError(f"gradient norm is {grad_norm}; lower optim.learning_rate or check the rollouts")
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.step()
+    # the whole minibatch's statistics: sums over ranks
+    summed = all_reduce_sum(torch.tensor([totals[name] for name in STEP_STATS] + [tokens], dtype=torch.float64,
+                                         device=device)).tolist()
+    totals, tokens = dict(zip(STEP_STATS, summed[:-1])), summed[-1]
     step = {name: totals[name] / max(tokens, 1.0) for name in STEP_STATS[1:]}
     step.update(loss=totals["loss"], grad_norm=grad_norm, learning_rate=lr)
     return step

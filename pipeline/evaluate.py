@@ -10,8 +10,8 @@ import time
 import pandas as pd
 
 from grpo.errors import InputError
-from grpo.checkpoint import checkpoint_info
 from grpo.config import load_params
+from grpo.models import checkpoint_info
 from grpo.contracts import PROMPTS, atomic_write, read_table
 from grpo.backends import SamplingSpec, backend_options, make_backend, select_backend
 from grpo.rewards import RewardSettings, Sample

@@ -11,8 +11,8 @@ import pandas as pd
 import pyarrow as pa
 
 from grpo.errors import InputError
-from grpo.checkpoint import checkpoint_info
 from grpo.config import load_params
+from grpo.models import checkpoint_info
 from grpo.contracts import PROMPTS, ROLLOUTS, read_table, write_table
 from grpo.backends import SamplingSpec, backend_options, make_backend, select_backend
 from grpo.generation import iteration_batch, request_seed

@@ -3,41 +3,87 @@ advantaged rollouts; writes checkpoint k. The frozen reference for the KL term i
 
     python -m pipeline.update --iteration 1 --policy data/checkpoints/0 --reference data/checkpoints/0 \
         --advantages data/advantages/1.parquet --out data/checkpoints/1 --metrics data/metrics/1/update.json
+
+With optim.nproc_per_node N > 1 the command runs itself again under torchrun, as N processes on this
+machine (`torchrun --standalone --nproc-per-node N -m pipeline.update <the same arguments>`): the policy and
+the reference are sharded over them with FSDP2, each minibatch is split across them, rank 0 writes the
+checkpoint and the metrics. Started under torchrun already (several machines: torchrun --nnodes ...), it
+runs as the rank torchrun gave it.
 """
 
 from __future__ import annotations
 
+import sys
 import time
+from contextlib import nullcontext
 
 import torch
 from tqdm.auto import tqdm
 
 from grpo.config import load_params
 from grpo.contracts import ADVANTAGES, read_table
-from grpo.checkpoint import checkpoint_info, load_optimizer_state, load_trainer_state, save_checkpoint
-from grpo.models import load_checkpoint
+from grpo.checkpoint import load_optimizer_state, load_trainer_state, save_checkpoint
+from grpo.distributed import World, barrier, relaunch, shard_model, start, stop, under_torchrun
+from grpo.errors import USER_ERROR_EXIT, InputError, UserError
+from grpo.models import checkpoint_info, load_checkpoint, resolve_device
 from grpo.trainer import Rollouts, UpdateConfig, grpo_update
 from pipeline.stage import iteration_parser, run, stage, write_json
+
 
 def main(argv: list[str] | None = None) -> None:
     args = iteration_parser(__doc__, policy="checkpoint k-1", reference="frozen reference model (the base)",
                             advantages="advantages Parquet of iteration k").parse_args(argv)
     params = load_params(args.params)
+    nproc = params.optim.nproc_per_node
+    if nproc > 1 and not under_torchrun():
+        gpus = torch.cuda.device_count()
+        if resolve_device(params.train.device).type == "cuda" and nproc > gpus:
+            raise InputError(f"optim.nproc_per_node = {nproc} is not allowed; expected at most the {gpus} visible "
+                             "CUDA devices (or train.device: cpu)")
+        sys.exit(relaunch("pipeline.update", sys.argv[1:] if argv is None else argv, nproc))
+    world = start(params.train.device)
+    try:
+        update(args, params, world)
+    except UserError as e:
+        if world.size == 1:
+            raise  # run() prints the error line
+        # every rank stops at the same check (what it tests is all-reduced); rank 0 says why, once, and no rank
+        # exits before it has (torchrun stops the others when one exits)
+        if world.is_main:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        barrier()
+        sys.exit(USER_ERROR_EXIT)
+    finally:
+        stop(world)
+
+
+def load_models(args, params, world: World):
+    """The policy (float32 weights, trained) and the frozen reference (no gradients; bf16 when optim.bf16,
+    else float32), each on this rank's device, sharded over the ranks when there are several."""
+    o = params.optim
+    policy, tokenizer = load_checkpoint(args.policy)
+    if o.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy = shard_model(policy.train(), world)
+    reference = None
+    if params.loss.beta != 0.0:
+        reference, _ = load_checkpoint(args.reference, dtype=torch.bfloat16 if o.bf16 else torch.float32)
+        reference = shard_model(reference.eval().requires_grad_(False), world)
+    return policy, reference, tokenizer
+
+
+def update(args, params, world: World) -> None:
     k, o, lcfg = args.iteration, params.optim, params.loss
     torch.manual_seed(params.train.seed * 1_000_003 + k)
-    with stage(f"update@{k}", reads=[args.policy, args.advantages], writes=[args.out, args.metrics]) as log:
-        start = time.perf_counter()
+    logged = stage(f"update@{k}", reads=[args.policy, args.advantages], writes=[args.out, args.metrics])
+    with logged if world.is_main else nullcontext({}) as log:
+        began = time.perf_counter()
         table = read_table(args.advantages, ADVANTAGES).to_pandas()
         table = table[table["kept"]].reset_index(drop=True)
-        policy, tokenizer = load_checkpoint(args.policy)
-        policy.train()
-        reference = None
-        if lcfg.beta != 0.0:
-            reference, _ = load_checkpoint(args.reference)
-            reference.eval().requires_grad_(False)
+        policy, reference, tokenizer = load_models(args, params, world)
         optimizer = torch.optim.AdamW(policy.parameters(), lr=o.learning_rate, weight_decay=o.weight_decay)
         # AdamW moments and the step count carry over between iterations; params.yaml's values win
-        load_optimizer_state(optimizer, args.policy, lr=o.learning_rate, weight_decay=o.weight_decay)
+        load_optimizer_state(optimizer, policy, args.policy, lr=o.learning_rate, weight_decay=o.weight_decay)
         global_step = load_trainer_state(args.policy)["global_step"]
 
         cfg = UpdateConfig(
@@ -61,8 +107,9 @@ def main(argv: list[str] | None = None) -> None:
                 # how to finish; it keeps its place in its group's advantage but leaves the loss
                 in_loss=(table["finish_reason"] != "length").tolist() if lcfg.mask_truncated_completions else None,
             )
-            bar = tqdm(total=len(table) * o.epochs, desc=f"update@{k}", unit="completion")
-            metrics = grpo_update(policy, reference, optimizer, rollouts, cfg, progress=bar.update).metrics
+            bar = tqdm(total=len(table) * o.epochs, desc=f"update@{k}", unit="completion", disable=not world.is_main)
+            metrics = grpo_update(policy, reference, optimizer, rollouts, cfg, device=world.device,
+                                  progress=bar.update).metrics
             bar.close()
             if lcfg.mask_truncated_completions:
                 metrics["num_truncated_masked"] = int((table["finish_reason"] == "length").sum())
@@ -71,14 +118,17 @@ def main(argv: list[str] | None = None) -> None:
         info = {"checkpoint_id": f"iter-{k}", "iteration": k, "parent": checkpoint_info(args.policy)["checkpoint_id"],
                 "global_step": global_step}
         policy.eval()
-        save_checkpoint(args.out, policy, tokenizer, info, optimizer=optimizer, trainer_state=trainer_state)
+        save_checkpoint(args.out, policy, tokenizer, info, optimizer=optimizer, trainer_state=trainer_state, world=world)
+        if not world.is_main:
+            return
         tokens = int(table["completion_tokens"].sum())
-        seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - began
         metrics.update({"iteration": k, "global_step": global_step, "num_completions_trained": int(len(table)),
                         "time/update_seconds": seconds, "tokens/update_per_second": tokens * o.epochs / seconds})
         write_json(args.metrics, metrics)
         log.update(loss=f"{metrics.get('loss', 0.0):.4f}", kl=f"{metrics.get('kl', 0.0):.4f}",
-                   grad_norm=f"{metrics.get('grad_norm', 0.0):.3f}", steps=metrics.get("optimizer_steps", 0))
+                   grad_norm=f"{metrics.get('grad_norm', 0.0):.3f}", steps=metrics.get("optimizer_steps", 0),
+                   processes=world.size)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
+from grpo.checkpoint import read_optimizer_state
 from grpo.contracts import ADVANTAGES, PROMPTS, ROLLOUTS, SCORED, read_table
 from tests.project import dvc, env, make_project, small_params
 
@@ -44,7 +45,7 @@ def test_repro_writes_every_output_valid_against_its_contract(finished_project):
         assert (checkpoint / "model.safetensors").exists() and (checkpoint / "tokenizer.json").exists()
         import torch
 
-        optimizer = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+        optimizer = read_optimizer_state(checkpoint)  # DCP shards in checkpoint/optimizer/
         assert optimizer["state"], "AdamW moments are saved"
         assert torch.load(checkpoint / "trainer_state.pt", weights_only=True)["iteration"] == k
         update = json.loads((p / f"data/metrics/{k}/update.json").read_text())
@@ -56,7 +57,7 @@ def test_repro_writes_every_output_valid_against_its_contract(finished_project):
     # the AdamW step counter carries over: iteration 2 continues iteration 1's optimizer
     import torch
 
-    steps = [torch.load(p / f"data/checkpoints/{k}/optimizer.pt", weights_only=True)["state"][0]["step"] for k in (1, 2)]
+    steps = [next(iter(read_optimizer_state(p / f"data/checkpoints/{k}")["state"].values()))["step"] for k in (1, 2)]
     assert float(steps[1]) == 2 * float(steps[0])
     history = pd.read_csv(p / "data/report/history.csv")
     assert list(history["iteration"]) == [0, 1, 2]
@@ -69,7 +70,7 @@ def test_repro_writes_every_output_valid_against_its_contract(finished_project):
 def test_outputs_are_links_into_the_cache_not_copies(finished_project):
     data = finished_project / "data"
     # the bulk of every iteration: weights, AdamW moments, and every Parquet table
-    bulk = [*data.glob("checkpoints/*/model.safetensors"), *data.glob("checkpoints/*/optimizer.pt"),
+    bulk = [*data.glob("checkpoints/*/model.safetensors"), *data.glob("checkpoints/*/optimizer/*.distcp"),
             *data.rglob("*.parquet")]
     assert len(bulk) >= 3 * 1 + 2 * 2 + 2 * 4, bulk
     copies = [str(f) for f in bulk if not f.is_symlink() and f.stat().st_nlink < 2]

@@ -259,3 +259,23 @@ def test_the_update_stage_writes_no_checkpoint_on_a_nan_loss(tmp_path, tiny_mode
     assert "Traceback" not in result.stderr
     assert not out.exists() and not list(out.parent.glob(".1.*.tmp"))
     assert not (tmp_path / "update.json").exists()
+
+
+# ------------------------------------------------------------------------------- gradient checkpointing
+
+
+def test_gradient_checkpointing_gives_the_same_update(model64):
+    """optim.gradient_checkpointing recomputes the activations in the backward pass: the same step (float64)."""
+    model, _ = model64
+    rollouts = _rollouts(n=8, seed=9)
+    cfg = _cfg(minibatch_size=4, micro_batch_size=2, learning_rate=1e-2, max_grad_norm=1.0)
+    weights = []
+    for checkpointing in (False, True):
+        policy = _copy(model).train()
+        if checkpointing:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        grpo_update(policy, model, torch.optim.AdamW(policy.parameters(), lr=1e-2), rollouts, cfg)
+        weights.append(torch.cat([p.detach().flatten() for p in policy.parameters()]))
+    assert policy.is_gradient_checkpointing
+    torch.testing.assert_close(weights[1], weights[0], rtol=0, atol=1e-12)
+    assert (weights[0] - torch.cat([p.detach().flatten() for p in model.parameters()])).abs().max() > 1e-3
