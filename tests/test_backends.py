@@ -76,11 +76,12 @@ def test_every_backend_module_is_named_in_an_import_statement_for_the_dependency
 
 def test_backend_options_come_from_params():
     vllm = SimpleNamespace(dtype="auto", max_model_len=1024, gpu_memory_utilization=0.5, tensor_parallel_size=1,
-                           enforce_eager=True, unrelated=3)
+                           data_parallel_size=2, enforce_eager=True, unrelated=3)
     params = SimpleNamespace(rollout=SimpleNamespace(vllm=vllm))
     assert backend_options(params, "hf") == {}
     assert backend_options(params, "vllm") == dict(dtype="auto", max_model_len=1024, gpu_memory_utilization=0.5,
-                                                   tensor_parallel_size=1, enforce_eager=True)
+                                                   tensor_parallel_size=1, data_parallel_size=2,
+                                                   enforce_eager=True)
 
 
 def test_select_backend_passes_an_explicit_name_through():
@@ -99,3 +100,28 @@ def test_make_backend_imports_the_chosen_module_and_builds_its_class():
     assert type(backend).__module__ == "grpo.backends.hf" and backend.name == "hf"
     assert (backend.model, backend.tokenizer, backend.prompts_per_batch) == (model, tokenizer, 3)
     assert tokenizer.padding_side == "left"
+
+
+def test_data_parallel_shards_are_contiguous_and_cover_every_prompt():
+    from grpo.backends.data_parallel import replica_devices, shard_bounds
+
+    for n in range(0, 12):
+        for parts in range(1, 5):
+            bounds = shard_bounds(n, parts)
+            assert len(bounds) == parts and bounds[0][0] == 0 and bounds[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+            sizes = [stop - start for start, stop in bounds]
+            assert max(sizes) - min(sizes) <= 1
+    assert [replica_devices(d, 2) for d in range(3)] == ["0,1", "2,3", "4,5"]
+
+
+@pytest.mark.slow
+def test_a_replica_that_fails_to_start_is_reported_and_nothing_is_left_running(tmp_path):
+    import psutil
+
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    with pytest.raises(RuntimeError, match=r"rollout replica \d failed:(.|\n)*(OSError|Error)"):
+        make_backend("hf", str(tmp_path / "no-such-model"), data_parallel_size=2)
+    left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before and p.is_running()
+            and p.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(p.cmdline())]
+    assert not left, left

