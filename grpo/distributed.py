@@ -125,7 +125,9 @@ def full_state_dict(model: torch.nn.Module, world: World) -> Optional[dict]:
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # frozen parameters (a LoRA adapter's base) are not part of the checkpoint: not gathered
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                 ignore_frozen_params=True))
     # a tied weight (lm_head = embed_tokens) is one parameter under two names: keep its first name only, as
     # save_pretrained does with an unsharded model's (shared) tensors
     names = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}

@@ -103,7 +103,8 @@ def save_atomic(model, tokenizer, out_dir: str | Path, write_extra: Callable[[Pa
     tmp = temporary_dir(out_dir) if tmp is None else tmp
     try:
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
-        tokenizer.save_pretrained(tmp)
+        if tokenizer is not None:  # None: an adapter checkpoint, whose tokenizer is its base's
+            tokenizer.save_pretrained(tmp)
         if write_extra is not None:
             write_extra(tmp)
         return publish(tmp, out_dir)
@@ -113,9 +114,16 @@ def save_atomic(model, tokenizer, out_dir: str | Path, write_extra: Callable[[Pa
 
 
 def load_checkpoint(path: str | Path, *, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) from a directory written by save_atomic."""
+    """(model, tokenizer) from a directory written by save_atomic. A LoRA checkpoint (grpo/lora.py) loads its
+    base and merges the adapter into the weights, W + (alpha / r) B A: a plain model (for sampling, evaluation
+    and export; the update loads the adapter itself, to train it)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from grpo.lora import base_dir, is_adapter_dir, load_adapter
+
+    if is_adapter_dir(path):
+        model, tokenizer = load_checkpoint(base_dir(path, checkpoint_info(path)), dtype=dtype)
+        return load_adapter(model, path, trainable=False).merge_and_unload(), tokenizer
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -16,6 +16,7 @@ from __future__ import annotations
 import sys
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -24,7 +25,9 @@ from grpo.config import load_params
 from grpo.contracts import ADVANTAGES, read_table
 from grpo.checkpoint import load_optimizer_state, load_trainer_state, save_checkpoint
 from grpo.distributed import World, barrier, relaunch, shard_model, start, stop, under_torchrun
-from grpo.errors import USER_ERROR_EXIT, InputError, UserError
+from grpo.errors import USER_ERROR_EXIT, ConfigError, InputError, UserError
+from grpo.lora import (ReferenceView, add_adapter, base_dir, describe_base, is_adapter_dir, load_adapter, relative_base,
+                       trainable_parameters)
 from grpo.models import checkpoint_info, load_checkpoint, resolve_device
 from grpo.trainer import Rollouts, UpdateConfig, grpo_update
 from pipeline.stage import iteration_parser, run, stage, write_json
@@ -57,19 +60,44 @@ def main(argv: list[str] | None = None) -> None:
         stop(world)
 
 
+def load_policy(args, params):
+    """(policy, tokenizer, base folder). Full fine-tuning: checkpoint k-1's weights, all trained. LoRA: the base
+    with checkpoint k-1's adapter, or, from the base itself, a new adapter; only the adapter is trained."""
+    lora = params.model.lora
+    adapter = is_adapter_dir(args.policy)
+    if lora is None and adapter:
+        raise ConfigError(f"model.lora is null but {args.policy} is a LoRA adapter checkpoint; set model.lora as "
+                          "in the run that wrote it, or start again from data/checkpoints/0")
+    if lora is None:
+        policy, tokenizer = load_checkpoint(args.policy)
+        return policy, tokenizer, None
+    if adapter:
+        base = base_dir(args.policy, checkpoint_info(args.policy))
+        model, tokenizer = load_checkpoint(base)
+        return load_adapter(model, args.policy, trainable=True), tokenizer, base
+    base, tokenizer = load_checkpoint(args.policy)
+    return add_adapter(base, lora), tokenizer, Path(args.policy).resolve()
+
+
 def load_models(args, params, world: World):
     """The policy (float32 weights, trained) and the frozen reference (no gradients; bf16 when optim.bf16,
-    else float32), each on this rank's device, sharded over the ranks when there are several."""
+    else float32), each on this rank's device, sharded over the ranks when there are several. With LoRA the
+    reference is the policy with its adapter switched off: the base, not loaded twice."""
     o = params.optim
-    policy, tokenizer = load_checkpoint(args.policy)
+    policy, tokenizer, base = load_policy(args, params)
     if o.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy = shard_model(policy.train(), world)
     reference = None
-    if params.loss.beta != 0.0:
+    if params.loss.beta != 0.0 and base is not None:
+        if base != Path(args.reference).resolve():
+            raise InputError(f"LoRA: the reference {args.reference} is not the base of {args.policy} ({base}); "
+                             "with LoRA the KL reference is the base model (the adapter switched off)")
+        reference = ReferenceView(policy)
+    elif params.loss.beta != 0.0:
         reference, _ = load_checkpoint(args.reference, dtype=torch.bfloat16 if o.bf16 else torch.float32)
         reference = shard_model(reference.eval().requires_grad_(False), world)
-    return policy, reference, tokenizer
+    return policy, reference, tokenizer, base
 
 
 def update(args, params, world: World) -> None:
@@ -80,8 +108,9 @@ def update(args, params, world: World) -> None:
         began = time.perf_counter()
         table = read_table(args.advantages, ADVANTAGES).to_pandas()
         table = table[table["kept"]].reset_index(drop=True)
-        policy, reference, tokenizer = load_models(args, params, world)
-        optimizer = torch.optim.AdamW(policy.parameters(), lr=o.learning_rate, weight_decay=o.weight_decay)
+        policy, reference, tokenizer, base = load_models(args, params, world)
+        # only what trains has AdamW moments: every weight, or (LoRA) the adapter's A and B
+        optimizer = torch.optim.AdamW(trainable_parameters(policy), lr=o.learning_rate, weight_decay=o.weight_decay)
         # AdamW moments and the step count carry over between iterations; params.yaml's values win
         load_optimizer_state(optimizer, policy, args.policy, lr=o.learning_rate, weight_decay=o.weight_decay)
         global_step = load_trainer_state(args.policy)["global_step"]
@@ -117,6 +146,9 @@ def update(args, params, world: World) -> None:
         trainer_state = {"iteration": k, "global_step": global_step, "torch_rng_state": torch.get_rng_state()}
         info = {"checkpoint_id": f"iter-{k}", "iteration": k, "parent": checkpoint_info(args.policy)["checkpoint_id"],
                 "global_step": global_step}
+        if base is not None:  # an adapter checkpoint names its base (checkpoint 0), relative to itself
+            info["base"] = relative_base(base, args.out)
+            describe_base(policy, info["base"])
         policy.eval()
         save_checkpoint(args.out, policy, tokenizer, info, optimizer=optimizer, trainer_state=trainer_state, world=world)
         if not world.is_main:

@@ -216,7 +216,8 @@ def eos_prone_model_dir(tmp_path_factory, tiny_model_dir):
     return save_atomic(model, tokenizer, tmp_path_factory.mktemp("eos") / "model")
 
 
-def test_dvc_update_with_two_processes_writes_the_one_process_checkpoint(tmp_path, eos_prone_model_dir):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_dvc_update_with_two_processes_writes_the_one_process_checkpoint(tmp_path, eos_prone_model_dir, lora):
     import pandas as pd
 
     from grpo.checkpoint import read_optimizer_state
@@ -225,13 +226,21 @@ def test_dvc_update_with_two_processes_writes_the_one_process_checkpoint(tmp_pat
     for nproc in (1, 2):
         params = small_params(eos_prone_model_dir, iterations=1, optim={"nproc_per_node": nproc, "bf16": False},
                               reward={"weights": {"overlong": 1.0}, "overlong_buffer": 5})
+        if lora:  # only the adapter trains (B starts at 0); lr 1e-2 so that it moves as far as full lr 1e-3
+            params["model"]["lora"] = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
+            params["optim"]["learning_rate"] = 1e-2
         project = make_project(tmp_path / f"nproc{nproc}", params)
         dvc(project, "repro", "update@1")
         checkpoints[nproc] = project / "data/checkpoints/1"
     rollouts = pd.read_parquet(checkpoints[1].parents[1] / "advantages/1.parquet")
     assert rollouts["completion_tokens"].nunique() > 2 and (rollouts["advantage"] != 0).sum() >= 6
-    one, two = (load_file(checkpoints[n] / "model.safetensors") for n in (1, 2))
-    base = load_file(checkpoints[1].parent / "0/model.safetensors")
+    weights = "adapter_model.safetensors" if lora else "model.safetensors"
+    one, two = (load_file(checkpoints[n] / weights) for n in (1, 2))
+    if lora:  # the starting point: A as peft drew it (the same seed in both runs), B = 0
+        assert not (checkpoints[1] / "model.safetensors").exists() and one.keys() == two.keys()
+        base = {name: torch.zeros_like(t) if "lora_B" in name else t for name, t in one.items()}
+    else:
+        base = load_file(checkpoints[1].parent / "0/model.safetensors")
     assert one.keys() == two.keys() == base.keys()
     # float32: Adam divides each gradient by its own scale, so an element whose gradient is ~eps can move by a
     # visible fraction of lr when the ranks' sums round differently; bound the worst element and the whole

