@@ -75,3 +75,33 @@ def stop_process_group(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def kill_while_running(proc: subprocess.Popen, module: str, iteration: int, *, delay: float = 1.0,
+                       timeout: float = 600) -> None:
+    """SIGKILL the process group of `proc` (a `dvc repro` started with start_new_session=True) `delay` seconds
+    after the stage command `python -m <module> --iteration <iteration>` has started under it: the kill hits a
+    stage at work. (A kill while DVC itself writes .dvc/tmp/rwlock leaves that file empty and the next
+    `dvc repro` refuses to start, a DVC bug, treeverse/dvc#7615; README, "Resume".)"""
+    import time
+
+    import psutil
+
+    def runs_it(cmd: list[str]) -> bool:
+        pairs = set(zip(cmd, cmd[1:]))
+        return ("-m", module) in pairs and ("--iteration", str(iteration)) in pairs
+
+    deadline = time.time() + timeout
+    while True:
+        assert time.time() < deadline and proc.poll() is None, f"the run never started {module} @{iteration}"
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                cmd = child.cmdline()
+            except psutil.Error:
+                continue
+            if runs_it(cmd):
+                time.sleep(delay)
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return
+        time.sleep(0.1)

@@ -6,11 +6,8 @@ export to a merged model. vLLM serving the adapter: tests/test_vllm_backend.py; 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,7 +20,7 @@ from safetensors.torch import load_file
 from grpo.checkpoint import read_optimizer_state
 from grpo.lora import ReferenceView, add_adapter
 from grpo.models import load_checkpoint
-from tests.project import dvc, env, make_project, small_params
+from tests.project import dvc, env, kill_while_running, make_project, small_params
 
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "checkpoint.json", "optimizer", "trainer_state.pt"}
@@ -112,13 +109,7 @@ def test_killed_run_then_repro_reproduces_the_uninterrupted_run(lora_project, tm
     project = make_project(tmp_path / "killed", lora_params(tiny_model_dir))
     proc = subprocess.Popen(["dvc", "repro"], cwd=project, env=env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 600
-    while not (project / "data/metrics/1/update.json").exists():
-        assert time.time() < deadline and proc.poll() is None, "run did not reach iteration 2"
-        time.sleep(0.2)
-    time.sleep(1.0)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_while_running(proc, "pipeline.update", 2)  # mid-update: the adapter checkpoint being written
     assert not (project / "data/checkpoints/2").exists()
     dvc(project, "repro")
     assert not list((project / "data").rglob("*.tmp"))

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -18,7 +15,7 @@ from safetensors.torch import load_file
 
 from grpo.checkpoint import read_optimizer_state
 from grpo.contracts import ADVANTAGES, PROMPTS, ROLLOUTS, SCORED, read_table
-from tests.project import dvc, env, make_project, small_params
+from tests.project import dvc, env, kill_while_running, make_project, small_params
 
 pytestmark = pytest.mark.slow
 
@@ -110,14 +107,7 @@ def test_killed_stage_then_repro_reproduces_the_uninterrupted_run(finished_proje
     project = make_project(tmp_path / "killed", small_params(tiny_model_dir, iterations=2))
     proc = subprocess.Popen(["dvc", "repro"], cwd=project, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
-    # kill the whole process group once iteration 2's generation has started
-    deadline = time.time() + 600
-    while not (project / "data/metrics/1/update.json").exists():
-        assert time.time() < deadline and proc.poll() is None, "run did not reach iteration 2"
-        time.sleep(0.2)
-    time.sleep(1.0)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_while_running(proc, "pipeline.generate", 2)  # the whole process group, iteration 2's generation at work
     assert not (project / "data/checkpoints/2").exists()
     # what a writer killed mid-write leaves: its temporaries beside the output (the kill above may or may not
     # have hit one; these make sure there are some)
