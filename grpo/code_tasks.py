@@ -6,10 +6,11 @@ A code task's ground truth is a JSON object in HumanEval's format:
     {"test": "def check(candidate):\\n    assert candidate(2) == 4\\n    ...", "entry_point": "square",
      "prompt": "def square(x: int) -> int:\\n    \\"\\"\\"...\\"\\"\\"\\n"}            ("prompt" optional)
 
-The program is the completion's last fenced Python block (else the whole text). If it defines entry_point,
-the prompt's other top-level statements are put in front of it (HumanEval's imports, and helpers its tests
-call, e.g. HumanEval/32's `poly`); if it starts indented instead (a model continuing the prompt's function
-body), the program is prompt + program, as in HumanEval's own harness.
+The program is the completion's last fenced Python block that defines entry_point (else its last fenced
+Python block, else the whole text). If it defines entry_point, the prompt's other top-level statements are
+put in front of it (HumanEval's imports, and helpers its tests call, e.g. HumanEval/32's `poly`); if it
+starts indented instead (a model continuing the prompt's function body), the program is prompt + program, as
+in HumanEval's own harness.
 
 The tests: `check(candidate)` is a list of statements. Each top-level statement of its body that holds an
 `assert` is one test (a `for` loop of asserts is one); the others (imports, assignments) are setup, run in
@@ -109,9 +110,10 @@ class _Plan:
         return sum(is_test for _, is_test in self.units)
 
 
-def extract_program(completion: str) -> str:
-    """The last fenced Python (or untagged) code block of the completion, else the whole completion. A block
-    cut off before its closing fence (a completion that hit max_new_tokens) runs to the end of the text."""
+def extract_program(completion: str, entry_point: str | None = None) -> str:
+    """The last fenced Python (or untagged) code block of the completion that defines entry_point (a usage
+    example after the function is common), else its last such block, else the whole completion. A block cut
+    off before its closing fence (a completion that hit max_new_tokens) runs to the end of the text."""
     blocks, language, lines = [], "", None
     for line in completion.splitlines(keepends=True):
         fence = line.strip()
@@ -126,6 +128,10 @@ def extract_program(completion: str) -> str:
     if lines is not None:
         blocks.append((language, "".join(lines)))
     python = [code for language, code in blocks if language in PYTHON_FENCES]
+    if entry_point is not None:
+        defining = [code for code in python if (tree := _parse(code)[0]) is not None and _defines(tree, entry_point)]
+        if defining:
+            return defining[-1]
     return python[-1] if python else completion
 
 
@@ -167,7 +173,7 @@ def score_many(completions: Sequence[str], ground_truths: Sequence[str], *, all_
     if len(completions) != len(ground_truths):
         raise ValueError(f"{len(completions)} completions but {len(ground_truths)} ground truths")
     tasks = [parse_ground_truth(gt) for gt in ground_truths]
-    prepared = [_candidate_source(extract_program(c), task) for c, task in zip(completions, tasks)]
+    prepared = [_candidate_source(extract_program(c, task.entry_point), task) for c, task in zip(completions, tasks)]
     to_run = [i for i, (source, _) in enumerate(prepared) if source is not None]
     nonces = [secrets.token_hex(16) for _ in to_run]
     harnesses = [_harness(prepared[i][0], tasks[i], all_or_nothing) for i in to_run]

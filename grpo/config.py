@@ -65,12 +65,33 @@ class ModelConfig:
     lora: Optional[LoraSettings] = _spec(allowed="null or a mapping with keys r, alpha, dropout, target_modules")
 
 
+# a generator setting's value, as reasoning-gym's config dataclasses take them
+_GeneratorSetting = bool | int | float | str | tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ReasoningGymConfig:
+    """prompts.reasoning_gym: which reasoning-gym generators make the prompts (prompts.source reasoning_gym)."""
+
+    # generator name -> sampling weight, e.g. {chain_sum: 1.0, basic_arithmetic: 0.5}
+    datasets: dict[str, float] = _spec(allowed="a non-empty mapping of reasoning-gym generator names to weights > 0",
+                                       check=lambda v: len(v) > 0 and all(w > 0 for w in v.values()))
+    # generator name -> its settings (fields of its config dataclass), e.g. {chain_sum: {max_terms: 2}}
+    config: dict[str, dict[str, _GeneratorSetting]] = _spec(
+        allowed="a mapping of generator names (from datasets) to mappings of their settings")
+    size: int = _spec(**_positive_int(2))  # entries generated; repeats dropped, then split into eval and train
+    seed: int = _spec(allowed="an integer >= 0", check=lambda v: v >= 0)  # the generators' seed
+
+
 @dataclass(frozen=True)
 class PromptsConfig:
-    source: str = _spec(**_choice(["synthetic", "gsm8k", "file"]))
-    path: Optional[str] = _spec(allowed="a JSONL or Parquet path (null for synthetic)")
+    source: str = _spec(**_choice(["synthetic", "gsm8k", "file", "humaneval", "reasoning_gym"]))
+    path: Optional[str] = _spec(allowed="a JSONL or Parquet path (null for synthetic, humaneval, reasoning_gym)")
     question_column: str = _spec(allowed="a column name", check=bool)
     answer_column: str = _spec(allowed="a column name", check=bool)
+    # source file only: a column of code tests ({"test", "entry_point"[, "prompt"]}, grpo.code_tasks), which
+    # become the ground truth (answer_column is then not read); null: the file has answers
+    tests_column: Optional[str] = _spec(allowed="null or a column name", check=bool)
     num_train: int = _spec(**_positive_int())
     num_eval: int = _spec(**_positive_int())
     # synthetic difficulty: operands are integers in [min_operand, max_operand], num_operands of them
@@ -80,6 +101,7 @@ class PromptsConfig:
     operations: tuple[str, ...] = _spec(allowed="a list drawn from +, -, *",
                                         check=lambda v: len(v) > 0 and set(v) <= {"+", "-", "*"})
     system_prompt: str = _spec(allowed="a string (may be empty)")
+    reasoning_gym: ReasoningGymConfig
 
 
 @dataclass(frozen=True)
@@ -107,6 +129,15 @@ class RolloutConfig:
 
 
 @dataclass(frozen=True)
+class CodeTestsConfig:
+    """reward.code_tests: how the code_tests reward runs a completion's program against its tests."""
+
+    all_or_nothing: bool = _spec(allowed="true or false")  # true: 1 if every test passes; false: fraction passed
+    timeout_s: float = _spec(allowed="a float > 0", check=lambda v: v > 0)  # wall clock per program
+    memory_mb: int = _spec(**_positive_int(64))  # address-space limit per process
+
+
+@dataclass(frozen=True)
 class RewardConfig:
     # reward name -> weight; reward = sum_k weight_k * reward_k
     weights: dict[str, float] = _spec(
@@ -119,6 +150,9 @@ class RewardConfig:
     # DAPO soft overlong penalty (reward `overlong`): 0 up to max_new_tokens - overlong_buffer tokens, then
     # falling linearly to -1 at max_new_tokens
     overlong_buffer: int = _spec(**_positive_int())
+    code_tests: CodeTestsConfig
+    # where code_tests runs the programs: bwrap (grpo.sandbox), or none = UNSAFE, unconfined, for trusted code
+    sandbox: str = _spec(**_choice(["bwrap", "none"]))
 
 
 @dataclass(frozen=True)
@@ -206,6 +240,21 @@ def _cross_field_checks(p: Params) -> list[tuple[str, Any, str]]:
         bad.append(("prompts.max_operand", p.prompts.max_operand, f"an integer >= prompts.min_operand ({p.prompts.min_operand})"))
     if p.prompts.source == "file" and not p.prompts.path:
         bad.append(("prompts.path", p.prompts.path, "a JSONL or Parquet path when prompts.source is 'file'"))
+    if p.prompts.tests_column is not None and p.prompts.source != "file":
+        bad.append(("prompts.tests_column", p.prompts.tests_column,
+                    f"null when prompts.source is {p.prompts.source!r} (a tests column is read from a file)"))
+    unknown = sorted(set(p.prompts.reasoning_gym.config) - set(p.prompts.reasoning_gym.datasets))
+    if unknown:
+        bad.append((f"prompts.reasoning_gym.config.{unknown[0]}", dict(p.prompts.reasoning_gym.config[unknown[0]]),
+                    "settings of a generator in prompts.reasoning_gym.datasets"))
+    # the tasks' ground truth is read by one reward only: the weights must include it, and it fits no other source
+    code_prompts = p.prompts.source == "humaneval" or p.prompts.tests_column is not None
+    for reward, needed, what in (("code_tests", code_prompts, "prompts.source humaneval, or file with a tests_column"),
+                                 ("reasoning_gym", p.prompts.source == "reasoning_gym", "prompts.source reasoning_gym")):
+        if needed and reward not in p.reward.weights:
+            bad.append(("reward.weights", p.reward.weights, f"a mapping with {reward} for {what}"))
+        if reward in p.reward.weights and not needed:
+            bad.append((f"reward.weights.{reward}", p.reward.weights[reward], f"no weight: {reward} scores only {what}"))
     expected = {str(k): k - 1 for k in range(1, len(p.train.iterations) + 1)}
     if p.train.iterations != expected:
         got = ", ".join(f"{k}: {v}" for k, v in p.train.iterations.items())

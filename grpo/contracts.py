@@ -91,6 +91,7 @@ ROLLOUT_FIELDS = [
     pa.field("temperature", pa.float64(), nullable=False),
     pa.field("top_p", pa.float64(), nullable=False),
     pa.field("seed", pa.int64(), nullable=False),
+    pa.field("metadata", pa.string(), nullable=True),  # the prompt's metadata JSON (task_id, generator, ...)
 ]
 _ROLLOUT_CHECKS = (
     _not_in("finish_reason", {"stop", "length"}),

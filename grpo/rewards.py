@@ -12,6 +12,17 @@ L_cache = reward.overlong_buffer:
     R(y) = 0                              |y| <= L_max - L_cache
            ((L_max - L_cache) - |y|) / L_cache   L_max - L_cache < |y| <= L_max
            -1                             |y| > L_max
+
+`code_tests` runs the program the completion writes against the task's unit tests in the sandbox
+(grpo.code_tasks, grpo.sandbox); the ground truth is the JSON {"test", "entry_point"[, "prompt"]}. Score: 1/0
+with all_or_nothing, else the fraction of tests passed; why it is not 1 (a failed test, a timeout, a kill) is
+returned with it as a RewardResult and lands in the score stage's reward_error column.
+`reasoning_gym` scores the stated answer with the reasoning-gym generator's own verifier
+(grpo.reasoning_gym_tasks).
+
+A reward returns a float, or a RewardResult(score, error) when it has a reason to record. A reward may also
+register a batch form (BATCH_REWARD_FUNCTIONS: (samples, settings) -> one result per sample), which scoring
+calls once for all samples instead of the per-sample function: code_tests's runs the programs in parallel.
 """
 
 from __future__ import annotations
@@ -19,9 +30,11 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
+from grpo import code_tasks, reasoning_gym_tasks
 from grpo.registry import Registry
+from grpo.sandbox import DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT_S
 
 # math-verify stops a parse or a comparison after this many seconds (SIGALRM: stages score in their main
 # thread). Without it, a completion or answer such as 10^{10^{10^{10}}} hangs scoring for good.
@@ -43,10 +56,26 @@ class RewardSettings:
     strict_answer: bool  # reward.strict_answer
     max_completion_tokens: int  # rollout.max_new_tokens (DAPO's L_max)
     overlong_buffer: int  # reward.overlong_buffer (DAPO's L_cache)
+    # code_tests (reward.code_tests, reward.sandbox); the stages always set them from params.yaml
+    code_all_or_nothing: bool = True
+    code_timeout_s: float = DEFAULT_TIMEOUT_S
+    code_memory_mb: int = DEFAULT_MEMORY_MB
+    sandbox: str = "bwrap"  # "none": UNSAFE, model code runs unconfined (grpo.sandbox)
 
 
-RewardFn = Callable[[Sample, RewardSettings], float]
+@dataclass(frozen=True)
+class RewardResult:
+    """A score and why it is not full marks (a failed test, a timeout), for the reward_error column."""
+
+    score: float
+    error: str | None = None
+
+
+RewardFn = Callable[[Sample, RewardSettings], "float | RewardResult"]
+BatchRewardFn = Callable[[Sequence[Sample], RewardSettings], "list[float | RewardResult]"]
 REWARD_FUNCTIONS: Registry[RewardFn] = Registry("reward function")
+# name -> the batch form of the reward of that name in REWARD_FUNCTIONS (scoring prefers it)
+BATCH_REWARD_FUNCTIONS: Registry[BatchRewardFn] = Registry("batch reward function")
 
 STATED_ANSWER = re.compile(r"####\s*([^\n]+)")  # "#### 42": the format the prompts ask for (GSM8K's)
 # accepted too when not strict: "The answer is 42", "\boxed{42}"
@@ -111,3 +140,35 @@ def overlong_penalty(sample: Sample, settings: RewardSettings) -> float:
     if length <= limit:
         return ((limit - buffer) - length) / buffer
     return -1.0
+
+
+@REWARD_FUNCTIONS.register("code_tests")
+def code_tests(sample: Sample, settings: RewardSettings) -> RewardResult:
+    """The unit tests the completion's program passes (grpo.code_tasks), run in the sandbox."""
+    return code_tests_batch([sample], settings)[0]
+
+
+@BATCH_REWARD_FUNCTIONS.register("code_tests")
+def code_tests_batch(samples: Sequence[Sample], settings: RewardSettings) -> list[RewardResult]:
+    """code_tests on every sample, up to the machine's cores programs at once. A sample with bad ground truth
+    gets 0 and the parse error; the others still run. ConfigError (the sandbox cannot run) stops it all."""
+    results: list[RewardResult | None] = [None] * len(samples)
+    runnable = []
+    for i, sample in enumerate(samples):
+        try:
+            code_tasks.parse_ground_truth(sample.ground_truth)
+            runnable.append(i)
+        except ValueError as e:
+            results[i] = RewardResult(0.0, f"ValueError: {e}")
+    scores = code_tasks.score_many([samples[i].completion for i in runnable], [samples[i].ground_truth for i in runnable],
+                                   all_or_nothing=settings.code_all_or_nothing, timeout_s=settings.code_timeout_s,
+                                   memory_mb=settings.code_memory_mb, sandbox=settings.sandbox)
+    for i, (score, error) in zip(runnable, scores):
+        results[i] = RewardResult(score, error)
+    return results
+
+
+@REWARD_FUNCTIONS.register("reasoning_gym")
+def reasoning_gym_reward(sample: Sample, settings: RewardSettings) -> float:
+    """The reasoning-gym generator's own verifier on the completion's stated answer (grpo.reasoning_gym_tasks)."""
+    return reasoning_gym_tasks.score_completion(sample.completion, sample.ground_truth)

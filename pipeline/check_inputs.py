@@ -7,7 +7,10 @@ bad row at once), before anything already produced is touched. Its output never 
 when the inputs are valid), so a valid parameter change re-runs only what it affects.
 
 The prompts file gets the same row validation as prepare-prompts (grpo.prompt_files.read_prompts_source); only
-the prompt-length check waits for prepare-prompts, which has the model's tokenizer.
+the prompt-length check waits for prepare-prompts, which has the model's tokenizer. For prompts.source
+reasoning_gym the generators and their settings are checked. What the weighted rewards need to run is checked
+too (grpo.scoring.check_reward_requirements): code_tests with reward.sandbox bwrap stops here when bwrap cannot
+run on this machine.
 
     python -m pipeline.check_inputs --params params.yaml --out data/inputs.ok
 """
@@ -20,6 +23,8 @@ import logging
 from grpo.config import load_params
 from grpo.contracts import atomic_write
 from grpo.prompt_files import read_prompts_source
+from grpo.reasoning_gym_tasks import check_generators
+from grpo.scoring import check_reward_requirements
 from grpo.variants import check_variant_names
 from pipeline.stage import run, stage
 
@@ -35,6 +40,10 @@ def main(argv: list[str] | None = None) -> None:
     with stage("check-inputs", reads=reads, writes=[args.out]) as log:
         params = load_params(args.params)
         check_variant_names(params, args.params)
+        check_reward_requirements(params.reward)
+        if params.prompts.source == "reasoning_gym":
+            generators = params.prompts.reasoning_gym
+            check_generators(generators.datasets, generators.config, generators.seed)
         prompts = read_prompts_source(params.prompts)
         if prompts is not None:
             reads.append(str(prompts.path))

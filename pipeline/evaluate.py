@@ -1,10 +1,19 @@
 """Stage evaluate@k: greedy accuracy of checkpoint k on the held-out eval split.
 
     python -m pipeline.evaluate --iteration 0 --policy data/checkpoints/0 --out data/eval/0.parquet
+
+What is measured follows the held-out tasks' ground truth (grpo.scoring.ground_truth_kind):
+    answers        eval/accuracy (correctness as reward.strict_answer reads it), eval/accuracy_lenient,
+                   eval/format_rate
+    code tasks     eval/pass_rate: the fraction whose greedy program passes every test (code_tests with
+                   all_or_nothing, in the sandbox, with reward.code_tests' limits and reward.sandbox)
+    reasoning-gym  eval/accuracy: the mean of the generators' verifier scores; eval/format_rate: the fraction
+                   that state an answer (<answer>...</answer> or '#### ...')
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pandas as pd
@@ -14,8 +23,9 @@ from grpo.config import load_params
 from grpo.models import checkpoint_info
 from grpo.contracts import PROMPTS, atomic_write, read_table
 from grpo.backends import SamplingSpec, backend_options, make_backend, select_backend
+from grpo.reasoning_gym_tasks import extract_answer
 from grpo.rewards import RewardSettings, Sample
-from grpo.scoring import score_completions
+from grpo.scoring import ground_truth_kind, reward_settings, score_completions
 from pipeline.stage import iteration_parser, run, stage, write_json
 
 
@@ -34,6 +44,9 @@ def main(argv: list[str] | None = None) -> None:
         held_out = prompts[prompts["split"] == "eval"].sort_values("prompt_id")
         if held_out.empty:
             raise InputError(f"{args.prompts}: no rows with split 'eval'")
+        kinds = sorted({ground_truth_kind(truth) for truth in held_out["ground_truth"]})
+        if len(kinds) > 1:
+            raise InputError(f"{args.prompts}: the held-out ground truths mix kinds {kinds}; expected one")
         name = select_backend(params.rollout.backend)
         options = backend_options(params, name) | ({"prompts_per_batch": e.batch_size} if name == "hf" else {})
         backend = make_backend(name, args.policy, **options)
@@ -47,33 +60,64 @@ def main(argv: list[str] | None = None) -> None:
         completions = [g.completions[0] for g in groups]
         samples = [Sample(c.text, truth, len(c.token_ids), c.finish_reason)
                    for c, truth in zip(completions, held_out["ground_truth"])]
-        # accuracy as the training reward counts it (reward.strict_answer), and leniently for comparison
-        settings = {strict: RewardSettings(strict, e.max_new_tokens, params.reward.overlong_buffer)
-                    for strict in (True, False)}
-        scores = {strict: score_completions(samples, {"correctness": 1.0, "format": 1.0}, settings[strict])
-                  for strict in (True, False)}
-        strict = params.reward.strict_answer
         results = pd.DataFrame({
             "iteration": k, "prompt_id": held_out["prompt_id"].to_numpy(), "question": held_out["question"].to_numpy(),
-            "ground_truth": held_out["ground_truth"].to_numpy(), "completion": [c.text for c in completions],
-            "completion_tokens": [len(c.token_ids) for c in completions],
+            "ground_truth": held_out["ground_truth"].to_numpy(), "metadata": held_out["metadata"].to_numpy(),
+            "completion": [c.text for c in completions], "completion_tokens": [len(c.token_ids) for c in completions],
             "finish_reason": [c.finish_reason for c in completions],
-            "correct": [v == 1.0 for v in scores[strict]["reward_correctness"]],
-            "correct_lenient": [v == 1.0 for v in scores[False]["reward_correctness"]],
-            "format_ok": [v == 1.0 for v in scores[True]["reward_format"]],
-            "checkpoint_id": checkpoint_info(args.policy)["checkpoint_id"],
         })
+        columns, metrics = SCORERS[kinds[0]](samples, params, e)
+        for name, values in columns.items():
+            results[name] = values
+        results["checkpoint_id"] = checkpoint_info(args.policy)["checkpoint_id"]
         atomic_write(args.out, lambda tmp: results.to_parquet(tmp, index=False))
         metrics = {
-            "iteration": k, "eval/accuracy": float(results["correct"].mean()),
-            "eval/accuracy_lenient": float(results["correct_lenient"].mean()),
-            "eval/format_rate": float(results["format_ok"].mean()),
+            "iteration": k, **metrics,
             "eval/truncated_ratio": float((results["finish_reason"] == "length").mean()),
             "eval/mean_length": float(results["completion_tokens"].mean()), "eval/num_problems": int(len(results)),
             "time/evaluate_seconds": seconds,
         }
         write_json(args.metrics, metrics)
-        log.update(accuracy=f"{metrics['eval/accuracy']:.3f}", problems=len(results))
+        headline = "eval/pass_rate" if "eval/pass_rate" in metrics else "eval/accuracy"
+        log.update(**{headline.split("/")[1]: f"{metrics[headline]:.3f}"}, problems=len(results))
+
+
+def answer_scores(samples: list[Sample], params, e) -> tuple[dict, dict]:
+    """Correctness as the training reward counts it (reward.strict_answer), leniently for comparison, and the
+    format: (per-problem columns, metrics)."""
+    settings = {strict: RewardSettings(strict, e.max_new_tokens, params.reward.overlong_buffer) for strict in (True, False)}
+    scores = {strict: score_completions(samples, {"correctness": 1.0, "format": 1.0}, settings[strict])
+              for strict in (True, False)}
+    columns = {"correct": [v == 1.0 for v in scores[params.reward.strict_answer]["reward_correctness"]],
+               "correct_lenient": [v == 1.0 for v in scores[False]["reward_correctness"]],
+               "format_ok": [v == 1.0 for v in scores[True]["reward_format"]]}
+    return columns, {"eval/accuracy": _mean(columns["correct"]), "eval/accuracy_lenient": _mean(columns["correct_lenient"]),
+                     "eval/format_rate": _mean(columns["format_ok"])}
+
+
+def code_scores(samples: list[Sample], params, e) -> tuple[dict, dict]:
+    """Pass@1 of the greedy programs: every test must pass (all_or_nothing), whatever the training reward
+    counts. The reason a program fails is kept per problem ("error")."""
+    settings = dataclasses.replace(reward_settings(params), code_all_or_nothing=True)
+    scores = score_completions(samples, {"code_tests": 1.0}, settings)
+    columns = {"correct": [v == 1.0 for v in scores["reward_code_tests"]], "error": scores["reward_error"]}
+    return columns, {"eval/pass_rate": _mean(columns["correct"])}
+
+
+def reasoning_gym_scores(samples: list[Sample], params, e) -> tuple[dict, dict]:
+    """The generators' own verifiers (some give partial credit: accuracy is the mean score)."""
+    scores = score_completions(samples, {"reasoning_gym": 1.0}, reward_settings(params))
+    columns = {"score": scores["reward_reasoning_gym"], "correct": [v == 1.0 for v in scores["reward_reasoning_gym"]],
+               "answer_stated": [extract_answer(s.completion) is not None for s in samples],
+               "error": scores["reward_error"]}
+    return columns, {"eval/accuracy": _mean(columns["score"]), "eval/format_rate": _mean(columns["answer_stated"])}
+
+
+def _mean(values) -> float:
+    return float(sum(values) / len(values)) if len(values) else 0.0
+
+
+SCORERS = {"answer": answer_scores, "code_tests": code_scores, "reasoning_gym": reasoning_gym_scores}
 
 
 if __name__ == "__main__":

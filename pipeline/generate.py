@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
                     "finish_reason": c.finish_reason, "completion_tokens": len(c.token_ids),
                     "ground_truth": prompt["ground_truth"], "data_source": prompt["data_source"],
                     "checkpoint_id": checkpoint_id, "backend": name, "temperature": r.temperature, "top_p": r.top_p,
-                    "seed": seed,
+                    "seed": seed, "metadata": prompt["metadata"],
                 })
         write_table(pa.Table.from_pylist(rows, schema=ROLLOUTS.schema), args.out, ROLLOUTS)
         metrics = completion_metrics(pd.DataFrame(rows))

@@ -1,6 +1,10 @@
 """Stage report: every iteration's metrics in one table (data/report/history.csv, what `dvc plots show`
 draws) and PNG plots of reward, eval accuracy, KL and completion length against iteration.
 
+Each plot draws those of its columns that the metrics have: the reward plot the task reward of the run
+(correctness, code_tests or reasoning_gym), the held-out plot eval/accuracy (answers, reasoning-gym) and
+eval/pass_rate (code tasks).
+
     python -m pipeline.report --metrics-dir data/metrics --out data/report
 """
 
@@ -16,9 +20,10 @@ from grpo.errors import InputError
 from grpo.contracts import atomic_write
 from pipeline.stage import run, stage
 
+TASK_REWARDS = ["rewards/correctness/mean", "rewards/code_tests/mean", "rewards/reasoning_gym/mean"]
 PLOTS = {  # file name -> (columns, title)
-    "reward.png": (["reward", "rewards/correctness/mean"], "training reward"),
-    "eval_accuracy.png": (["eval/accuracy"], "held-out greedy accuracy"),
+    "reward.png": (["reward", *TASK_REWARDS], "training reward"),
+    "eval_accuracy.png": (["eval/accuracy", "eval/pass_rate"], "held-out greedy accuracy / pass rate"),
     "kl.png": (["kl"], "KL to the reference"),
     "completion_length.png": (["completions/mean_length"], "mean completion length (tokens)"),
 }

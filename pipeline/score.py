@@ -1,6 +1,9 @@
 """Stage score@k: every weighted reward function on every completion (offline; no model needed).
 
     python -m pipeline.score --iteration 1 --rollouts data/rollouts/1.parquet --out data/scored/1.parquet
+
+With code_tests weighted, the programs run in the sandbox, as many at once as the machine has cores; a
+sandbox that cannot run (reward.sandbox bwrap without a working bwrap) stops the stage before any scoring.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import pyarrow as pa
 from grpo.config import load_params
 from grpo.contracts import ROLLOUTS, SCORED, read_table, write_table
 from grpo.metrics import reward_metrics
-from grpo.scoring import reward_settings, samples_from_table, score_completions
+from grpo.scoring import check_reward_requirements, reward_settings, samples_from_table, score_completions
 from pipeline.stage import iteration_parser, run, stage, write_json
 
 
@@ -21,17 +24,25 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params)
     with stage(f"score@{args.iteration}", reads=[args.rollouts], writes=[args.out, args.metrics]) as log:
         start = time.perf_counter()
+        check_reward_requirements(params.reward)
         table = read_table(args.rollouts, ROLLOUTS)
         weights = params.reward.weights
-        columns = score_completions(samples_from_table(table), weights, reward_settings(params))
+        seconds: dict[str, float] = {}
+        columns = score_completions(samples_from_table(table), weights, reward_settings(params), seconds=seconds)
         for name, values in columns.items():
             dtype = pa.string() if name == "reward_error" else pa.float64()
             table = table.append_column(pa.field(name, dtype, nullable=name == "reward_error"), pa.array(values, dtype))
         write_table(table, args.out, SCORED)
         metrics = reward_metrics(table.to_pandas(), list(weights))
+        for name, s in seconds.items():
+            metrics[f"time/reward_{name}_seconds"] = s
+        if "code_tests" in seconds:  # one program per completion, run in parallel
+            metrics["code_tests/programs_per_second"] = table.num_rows / max(seconds["code_tests"], 1e-9)
         metrics.update({"iteration": args.iteration, "time/score_seconds": time.perf_counter() - start})
         write_json(args.metrics, metrics)
-        log.update(reward=f"{metrics['reward']:.3f}", errors=metrics["reward_errors"])
+        extra = ({"programs_per_s": f"{metrics['code_tests/programs_per_second']:.1f}"}
+                 if "code_tests" in seconds else {})
+        log.update(reward=f"{metrics['reward']:.3f}", errors=metrics["reward_errors"], **extra)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ def rollout_rows(n=2):
             "completion": "#### 4", "prompt_token_ids": [1, 2, 3], "completion_token_ids": [4, 5],
             "completion_logprobs": [-0.1, -0.2], "finish_reason": "stop", "completion_tokens": 2,
             "ground_truth": "4", "data_source": "synthetic", "checkpoint_id": "base", "backend": "hf",
-            "temperature": 1.0, "top_p": 1.0, "seed": 7,
+            "temperature": 1.0, "top_p": 1.0, "seed": 7, "metadata": '{"task_id": "t0"}',
         }
         for i in range(n)
     ]

@@ -309,6 +309,7 @@ def test_model_context_from_the_config_capped_by_vllm(tiny_model_dir):
 
 class _Prompts:
     source, path, question_column, answer_column, system_prompt = "file", "", "question", "answer", ""
+    tests_column = None
     num_train, num_eval = 4, 2
 
 

@@ -290,6 +290,13 @@ def test_extract_program(completion, program):
     assert extract_program(completion) == program
 
 
+def test_extract_program_prefers_the_block_that_defines_the_entry_point():
+    completion = "```python\ndef f():\n    return 1\n```\nUsage:\n```python\nprint(f())\n```"
+    assert extract_program(completion, "f") == "def f():\n    return 1\n"
+    assert extract_program(completion) == "print(f())\n"
+    assert extract_program(completion, "g") == "print(f())\n"  # no block defines it: the last one
+
+
 @pytest.mark.parametrize("ground_truth,message", [
     ("not json", "not JSON"),
     ("[1, 2]", "JSON object"),
