@@ -32,6 +32,7 @@ device of the policy (`device`); nothing is pinned to the CPU.
 from __future__ import annotations
 
 import math
+import time
 import random
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -303,7 +304,9 @@ def grpo_update(policy, reference, optimizer, rollouts: Rollouts, cfg: UpdateCon
     """mu epochs of minibatch updates over `rollouts`; the optimizer's state carries the run's history."""
     n = len(rollouts)
     one_step = cfg.epochs == 1 and n <= cfg.minibatch_size
+    began = time.perf_counter()
     fixed = precompute(policy, reference, rollouts, cfg, needs_old=not one_step, device=device)
+    logprob_seconds = time.perf_counter() - began
     if one_step:
         fixed.old_logprobs = None  # pi_old = pi_theta detached (the same weights, no second forward)
     rng = random.Random(cfg.seed)
@@ -326,4 +329,7 @@ def grpo_update(policy, reference, optimizer, rollouts: Rollouts, cfg: UpdateCon
         if ours in metrics:
             metrics[trl] = metrics.pop(ours)
     metrics["optimizer_steps"] = len(steps)
+    # where the time went: the reference / pi_old log-prob passes, then the optimizer steps (forward, backward, AdamW)
+    metrics["time/update_logprob_seconds"] = logprob_seconds
+    metrics["time/update_steps_seconds"] = time.perf_counter() - began - logprob_seconds
     return UpdateResult(metrics, steps)

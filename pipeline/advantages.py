@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> None:
             "advantages/min": float(advantages.min()),
             "frac_groups_dropped": float(1 - kept.float().mean()),
             "num_kept": int(kept.sum()),
+            "time/advantages_startup_seconds": log.startup_seconds,
         }
         write_json(args.metrics, metrics)
         log.update(kept=f"{int(kept.sum())}/{len(kept)}")

@@ -86,8 +86,9 @@ def answer_scores(samples: list[Sample], params, e) -> tuple[dict, dict]:
     """Correctness as the training reward counts it (reward.strict_answer), leniently for comparison, and the
     format: (per-problem columns, metrics)."""
     settings = {strict: RewardSettings(strict, e.max_new_tokens, params.reward.overlong_buffer) for strict in (True, False)}
-    scores = {strict: score_completions(samples, {"correctness": 1.0, "format": 1.0}, settings[strict])
-              for strict in (True, False)}
+    # format reads the '#### N' line whatever strict_answer says: the lenient pass needs correctness only
+    scores = {True: score_completions(samples, {"correctness": 1.0, "format": 1.0}, settings[True]),
+              False: score_completions(samples, {"correctness": 1.0}, settings[False])}
     columns = {"correct": [v == 1.0 for v in scores[params.reward.strict_answer]["reward_correctness"]],
                "correct_lenient": [v == 1.0 for v in scores[False]["reward_correctness"]],
                "format_ok": [v == 1.0 for v in scores[True]["reward_format"]]}

@@ -34,7 +34,9 @@ def main(argv: list[str] | None = None) -> None:
         seeds = [request_seed(params.train.seed, k, pid) for pid in batch.index]
         checkpoint_id = checkpoint_info(args.policy)["checkpoint_id"]
         name = select_backend(r.backend)
+        loading = time.perf_counter()
         backend = make_backend(name, args.policy, **backend_options(params, name))
+        load_seconds = time.perf_counter() - loading
         try:
             start = time.perf_counter()
             groups = backend.generate(batch["prompt"].tolist(),
@@ -57,7 +59,8 @@ def main(argv: list[str] | None = None) -> None:
         write_table(pa.Table.from_pylist(rows, schema=ROLLOUTS.schema), args.out, ROLLOUTS)
         metrics = completion_metrics(pd.DataFrame(rows))
         tokens = int(sum(row["completion_tokens"] for row in rows))
-        metrics.update({"iteration": k, "time/generate_seconds": seconds, "tokens/generated": tokens,
+        metrics.update({"iteration": k, "time/generate_seconds": seconds, "time/generate_load_seconds": load_seconds,
+                        "time/generate_startup_seconds": log.startup_seconds, "tokens/generated": tokens,
                         "tokens/generate_per_second": tokens / max(seconds, 1e-9)})
         write_json(args.metrics, metrics)
         log.update(backend=name, completions=len(rows), tokens=tokens, tokens_per_s=f"{tokens / seconds:.0f}")

@@ -1,5 +1,6 @@
 """Stage report: every iteration's metrics in one table (data/report/history.csv, what `dvc plots show`
-draws) and PNG plots of reward, eval accuracy, KL and completion length against iteration.
+draws) and PNG plots of reward, eval accuracy, KL, completion length and throughput (generated and trained
+tokens per second) against iteration.
 
 Each plot draws those of its columns that the metrics have: the reward plot the task reward of the run
 (correctness, code_tests or reasoning_gym), the held-out plot eval/accuracy (answers, reasoning-gym) and
@@ -26,6 +27,7 @@ PLOTS = {  # file name -> (columns, title)
     "eval_accuracy.png": (["eval/accuracy", "eval/pass_rate"], "held-out greedy accuracy / pass rate"),
     "kl.png": (["kl"], "KL to the reference"),
     "completion_length.png": (["completions/mean_length"], "mean completion length (tokens)"),
+    "throughput.png": (["tokens/generate_per_second", "tokens/update_per_second"], "tokens per second"),
 }
 
 

@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> None:
             metrics[f"time/reward_{name}_seconds"] = s
         if "code_tests" in seconds:  # one program per completion, run in parallel
             metrics["code_tests/programs_per_second"] = table.num_rows / max(seconds["code_tests"], 1e-9)
-        metrics.update({"iteration": args.iteration, "time/score_seconds": time.perf_counter() - start})
+        metrics.update({"iteration": args.iteration, "time/score_seconds": time.perf_counter() - start,
+                        "time/score_startup_seconds": log.startup_seconds})
         write_json(args.metrics, metrics)
         extra = ({"programs_per_s": f"{metrics['code_tests/programs_per_second']:.1f}"}
                  if "code_tests" in seconds else {})

@@ -18,11 +18,26 @@ def _describe(paths) -> str:
     return ", ".join(str(p) for p in paths) if paths else "-"
 
 
+class StageLog(dict):
+    """The details a stage logs on its last line, and when its work began."""
+
+    startup_seconds: float  # from the process's start to the stage's body: interpreter start-up and imports
+
+
+def process_seconds() -> float:
+    """Seconds since this process started (the OS's start time, so imports made before any of our code count)."""
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
+
+
 @contextmanager
-def stage(name: str, *, reads: list, writes: list) -> Iterator[dict]:
-    """Time a stage and log 'name: read ..., wrote ... (details) in Xs'. Yield a dict for details."""
+def stage(name: str, *, reads: list, writes: list) -> Iterator[StageLog]:
+    """Time a stage and log 'name: read ..., wrote ... (details) in Xs'. Yield a dict for details, which also
+    carries `startup_seconds` (for the stage's time/<stage>_startup_seconds metric)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr, force=False)
-    details: dict = {}
+    details = StageLog()
+    details.startup_seconds = process_seconds()
     start = time.perf_counter()
     yield details
     info = "; ".join(f"{k}={v}" for k, v in details.items())

@@ -114,6 +114,7 @@ def update(args, params, world: World) -> None:
         # AdamW moments and the step count carry over between iterations; params.yaml's values win
         load_optimizer_state(optimizer, policy, args.policy, lr=o.learning_rate, weight_decay=o.weight_decay)
         global_step = load_trainer_state(args.policy)["global_step"]
+        load_seconds = time.perf_counter() - began  # the rollouts, the models and the AdamW state
 
         cfg = UpdateConfig(
             epochs=o.epochs, minibatch_size=o.minibatch_size, micro_batch_size=o.micro_batch_size,
@@ -150,13 +151,17 @@ def update(args, params, world: World) -> None:
             info["base"] = relative_base(base, args.out)
             describe_base(policy, info["base"])
         policy.eval()
+        saving = time.perf_counter()
         save_checkpoint(args.out, policy, tokenizer, info, optimizer=optimizer, trainer_state=trainer_state, world=world)
         if not world.is_main:
             return
+        metrics["time/update_save_seconds"] = time.perf_counter() - saving
         tokens = int(table["completion_tokens"].sum())
         seconds = time.perf_counter() - began
         metrics.update({"iteration": k, "global_step": global_step, "num_completions_trained": int(len(table)),
-                        "time/update_seconds": seconds, "tokens/update_per_second": tokens * o.epochs / seconds})
+                        "time/update_seconds": seconds, "time/update_load_seconds": load_seconds,
+                        "time/update_startup_seconds": log.startup_seconds,
+                        "tokens/update_per_second": tokens * o.epochs / seconds})
         write_json(args.metrics, metrics)
         log.update(loss=f"{metrics.get('loss', 0.0):.4f}", kl=f"{metrics.get('kl', 0.0):.4f}",
                    grad_norm=f"{metrics.get('grad_norm', 0.0):.3f}", steps=metrics.get("optimizer_steps", 0),
