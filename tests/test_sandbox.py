@@ -48,9 +48,11 @@ def no_leftovers():
     """Fails the test if a sandbox process or a uid-65534 file in /tmp outlives the call; kills such
     processes either way, so that a failing test leaves the machine clean."""
     processes, files = sandbox_processes(), sandbox_files()
+    # descendants from before the call (an earlier test's unreaped child, a multiprocessing helper) are not its
+    children = {child.pid for child in psutil.Process().children(recursive=True)}
     yield
     left = [psutil.Process(pid) for pid in sandbox_processes() - processes]
-    left += psutil.Process().children(recursive=True)
+    left += [child for child in psutil.Process().children(recursive=True) if child.pid not in children]
     for process in left:
         try:
             process.kill()
