@@ -32,8 +32,8 @@ device of the policy (`device`); nothing is pinned to the CPU.
 from __future__ import annotations
 
 import math
-import time
 import random
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
