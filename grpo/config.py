@@ -185,6 +185,9 @@ class OptimConfig:
     epochs: int = _spec(**_positive_int())  # mu: passes over each batch of rollouts
     minibatch_size: int = _spec(**_positive_int())  # completions per optimizer step
     micro_batch_size: int = _spec(**_positive_int())  # completions per forward/backward (grad accumulation)
+    # what the seeded shuffle permutes before the rollouts are cut into minibatches: whole groups (verl; a
+    # group's completions then share one computation of their prompt) or single completions (TRL)
+    shuffle: str = _spec(**_choice(["groups", "completions"]))
     max_grad_norm: float = _spec(allowed="a float > 0", check=lambda v: v > 0)
     bf16: bool = _spec(allowed="true or false")  # bf16 autocast for the forward passes (and a bf16 reference)
     # recompute each decoder layer's activations in the backward pass instead of keeping them

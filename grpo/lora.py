@@ -88,6 +88,7 @@ class ReferenceView:
 
     def __init__(self, policy):
         self.policy = policy
+        self.config = policy.config  # the model's settings, e.g. its attention implementation (grpo.packing)
 
     def __call__(self, *args, **kwargs):
         with self.disabled():

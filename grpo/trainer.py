@@ -9,7 +9,11 @@ Read top to bottom:
                            grpo.policy_loss(...) normalised by the minibatch's own count (sequences or tokens),
                            backward; then clip_grad_norm and an AdamW step (none if the loss or a gradient is
                            not finite)
-    grpo_update(...)       mu = optim.epochs passes, each over minibatches of a seeded shuffle
+    grpo_update(...)       mu = optim.epochs passes, each over minibatches of a seeded shuffle (of whole
+                           groups, or of completions: optim.shuffle)
+
+Every forward pass packs its micro-batch with grpo.packing.pack: each distinct prompt computed once, its
+completions after it; the micro-batches take a minibatch's completions prompt by prompt.
 
 pi_old is logp detached when the batch is one optimizer step (mu = 1 and one minibatch: TRL's
 num_iterations=1 with steps_per_generation=1); otherwise it is computed once, before the first step, and
@@ -43,51 +47,23 @@ from grpo.distributed import all_reduce_sum, rank, world_size
 from grpo.errors import NonFiniteError
 from grpo.logprobs import token_entropy, token_logprobs
 from grpo.loss import LOSS_AGGREGATIONS, policy_loss
+from grpo.packing import Batch, attention_mask_for, by_prompt, pack
 
 # per-step statistics averaged (token-weighted over micro-batches) into the iteration's metrics
 STEP_STATS = ("loss", "kl", "entropy", "clip_ratio_low", "clip_ratio_high", "clip_ratio", "ratio_mean")
 
 
-@dataclass
-class Batch:
-    """Completions padded into one rectangle: [pad.. prompt | completion ..pad], so every completion
-    starts at column `prompt_width` and its logits are the last completion_width + 1 positions."""
-
-    input_ids: torch.Tensor  # [B, P + L]
-    attention_mask: torch.Tensor  # [B, P + L]
-    position_ids: torch.Tensor  # [B, P + L]
-    completion_ids: torch.Tensor  # [B, L]
-    completion_mask: torch.Tensor  # [B, L] float, 1 on real completion tokens
-    prompt_width: int
-
-
-def collate(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]], pad_id: int,
-            device: torch.device | str = "cpu") -> Batch:
-    p = max(len(x) for x in prompt_ids)
-    l = max(max(len(x) for x in completion_ids), 1)
-    b = len(prompt_ids)
-    input_ids = torch.full((b, p + l), pad_id, dtype=torch.long)
-    attention = torch.zeros((b, p + l), dtype=torch.long)
-    for i, (prompt, completion) in enumerate(zip(prompt_ids, completion_ids)):
-        input_ids[i, p - len(prompt) : p] = torch.tensor(prompt, dtype=torch.long)
-        input_ids[i, p : p + len(completion)] = torch.tensor(completion, dtype=torch.long)
-        attention[i, p - len(prompt) : p + len(completion)] = 1
-    # positions count real tokens only, so a left-padded row sees the positions it would see unpadded
-    position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
-    input_ids, attention, position_ids = (x.to(device) for x in (input_ids, attention, position_ids))
-    return Batch(input_ids, attention, position_ids, input_ids[:, p:], attention[:, p:].float(), p)
-
-
 def forward_logprobs(model, batch: Batch, *, temperature: float, autocast: bool,
                      with_entropy: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The model's log pi(o_t | q, o_<t) for every completion token, [B, L] float32 (float64 for a float64
-    model), and the entropy of each next-token distribution (no grad) if asked."""
-    width = batch.completion_ids.shape[1]
+    model), and the entropy of each next-token distribution (no grad) if asked. `batch`: grpo.packing's
+    pack (shared prompts) or collate (one row per completion)."""
     device_type = batch.input_ids.device.type
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                    position_ids=batch.position_ids, logits_to_keep=width + 1, use_cache=False)
-    logits = out.logits[:, :-1]  # position t predicts token t + 1
+        out = model(input_ids=batch.input_ids, attention_mask=attention_mask_for(model, batch),
+                    position_ids=batch.position_ids, logits_to_keep=batch.logits_width, use_cache=False)
+    # the logits that predict each completion token: [S, K, V] -> [B, L, V]
+    logits = out.logits.reshape(-1, out.logits.shape[-1])[batch.logits_index]
     logp = token_logprobs(logits, batch.completion_ids, temperature=temperature)
     entropy = token_entropy(logits, temperature=temperature) if with_entropy else None
     return logp, entropy
@@ -121,6 +97,7 @@ class UpdateConfig:
     tis_cap: Optional[float] = None  # truncated importance sampling cap C (None = off)
     learning_rate: float = 1e-5
     warmup_steps: int = 0  # linear warm-up over the first optimizer steps of the whole run
+    shuffle: str = "groups"  # what the seeded shuffle permutes: whole groups (equal prompts) or completions
     start_step: int = 0  # optimizer steps taken by earlier iterations (the schedule continues across them)
 
     def lr_at(self, step: int) -> float:
@@ -161,9 +138,8 @@ def rank_micro_batches(indices: list[int], size: int, rank: int, world: int) -> 
     return micro + [[] for _ in range(rounds - len(micro))]
 
 
-def _collate_rows(rollouts: Rollouts, idx: list[int], cfg: UpdateConfig, device) -> Batch:
-    return collate([rollouts.prompt_ids[i] for i in idx], [rollouts.completion_ids[i] for i in idx], cfg.pad_id,
-                   device)
+def _pack_rows(rollouts: Rollouts, idx: list[int], cfg: UpdateConfig, device) -> Batch:
+    return pack([rollouts.prompt_ids[i] for i in idx], [rollouts.completion_ids[i] for i in idx], cfg.pad_id, device)
 
 
 def _completion_mask(batch: Batch, rollouts: Rollouts, idx: list[int]) -> torch.Tensor:
@@ -187,13 +163,14 @@ def _sampled_token_logprobs(models: list, rollouts: Rollouts, cfg: UpdateConfig,
     Rank r computes the completions r::W into an [N, L_max] table that is zero elsewhere; the tables are summed
     over ranks (each row comes from exactly one rank, so the sum is exact) and every rank gets every row."""
     n = len(rollouts)
-    width = max([1, *map(len, rollouts.completion_ids)])  # as collate: at least one column
+    width = max([1, *map(len, rollouts.completion_ids)])  # as grpo.packing: at least one column
     tables: list[Optional[torch.Tensor]] = [None] * len(models)
+    adjacent = [i for group in by_prompt(range(n), rollouts.prompt_ids) for i in group]  # prompts shared in a pack
     with torch.no_grad():
-        for idx in rank_micro_batches(list(range(n)), cfg.micro_batch_size, rank(), world_size()):
+        for idx in rank_micro_batches(adjacent, cfg.micro_batch_size, rank(), world_size()):
             # a placeholder micro-batch runs row 0 and keeps nothing: the forwards of a sharded model are
             # collectives, every rank runs as many
-            batch = _collate_rows(rollouts, idx or [0], cfg, device)
+            batch = _pack_rows(rollouts, idx or [0], cfg, device)
             for m, model in enumerate(models):
                 lp, _ = forward_logprobs(model, batch, temperature=cfg.temperature, autocast=cfg.autocast)
                 if tables[m] is None:
@@ -243,9 +220,12 @@ def optimizer_step(policy, optimizer, rollouts: Rollouts, minibatch: list[int], 
     statistics are summed over ranks too, so every rank returns the step's numbers for the whole minibatch."""
     aggregation = LOSS_AGGREGATIONS.get(cfg.loss_kwargs.get("aggregation", "seq_mean_token_mean"))
     world = world_size()
+    # the minibatch's completions of one prompt side by side, so that a micro-batch packs them on one prompt
+    # (the minibatch's gradient is a sum over its completions: their order does not change it)
+    minibatch = [i for group in by_prompt(minibatch, rollouts.prompt_ids) for i in group]
     micro = rank_micro_batches(minibatch, cfg.micro_batch_size, rank(), world)
     # a placeholder (empty) micro-batch runs the minibatch's first row with a zero mask: no loss, no gradient
-    batches = [_collate_rows(rollouts, idx or minibatch[:1], cfg, device) for idx in micro]
+    batches = [_pack_rows(rollouts, idx or minibatch[:1], cfg, device) for idx in micro]
     masks = [_completion_mask(b, rollouts, idx) for b, idx in zip(batches, micro)]
     local = sum(float(aggregation.count(m)) for m, idx in zip(masks, micro) if idx)
     num_units = float(global_count(torch.tensor(local, dtype=torch.float64, device=device)))
@@ -312,8 +292,13 @@ def grpo_update(policy, reference, optimizer, rollouts: Rollouts, cfg: UpdateCon
     rng = random.Random(cfg.seed)
     steps: list[dict[str, float]] = []
     for _ in range(cfg.epochs):
-        order = list(range(n))
-        rng.shuffle(order)
+        if cfg.shuffle == "groups":  # verl: minibatches of whole groups
+            groups = by_prompt(range(n), rollouts.prompt_ids)
+            rng.shuffle(groups)
+            order = [i for group in groups for i in group]
+        else:  # TRL: minibatches of completions from any group
+            order = list(range(n))
+            rng.shuffle(order)
         for minibatch in _micro_batches(order, cfg.minibatch_size):
             lr = cfg.lr_at(cfg.start_step + len(steps))
             try:

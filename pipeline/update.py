@@ -121,7 +121,7 @@ def update(args, params, world: World) -> None:
             max_grad_norm=o.max_grad_norm, temperature=params.rollout.temperature, autocast=o.bf16,
             seed=params.train.seed * 1_000_003 + k, pad_id=tokenizer.pad_token_id,
             tis_cap=lcfg.tis_cap if lcfg.tis else None,
-            learning_rate=o.learning_rate, warmup_steps=o.warmup_steps, start_step=global_step,
+            learning_rate=o.learning_rate, warmup_steps=o.warmup_steps, start_step=global_step, shuffle=o.shuffle,
             loss_kwargs=dict(beta=lcfg.beta, clip_low=lcfg.clip_low, clip_high=lcfg.clip_high,
                              kl_estimator=lcfg.kl_estimator, aggregation=lcfg.aggregation, importance=lcfg.importance,
                              max_completion_tokens=params.rollout.max_new_tokens),

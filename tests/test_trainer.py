@@ -15,7 +15,8 @@ from grpo.contracts import ADVANTAGES, write_table
 from grpo.errors import NonFiniteError
 from grpo.loss import LOSS_AGGREGATIONS, policy_loss
 from grpo.models import load_checkpoint
-from grpo.trainer import Rollouts, UpdateConfig, collate, forward_logprobs, grpo_update
+from grpo.packing import collate
+from grpo.trainer import Rollouts, UpdateConfig, forward_logprobs, grpo_update
 from tests.project import ROOT
 
 F64 = torch.float64
