@@ -76,18 +76,17 @@ def pack(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[
          device: torch.device | str = "cpu") -> Batch:
     """One row per distinct prompt (in order of first appearance), its completions after it, block-masked.
     Completions b keep their order in completion_ids / logits_index."""
-    rows: dict[tuple[int, ...], list[int]] = {}
-    for b, prompt in enumerate(prompt_ids):
-        rows.setdefault(tuple(prompt), []).append(b)
+    rows = by_prompt(range(len(prompt_ids)), prompt_ids)
     p = max(len(x) for x in prompt_ids)
     completions, completion_mask = _completion_table(completion_ids, pad_id)
-    total = max(sum(len(completion_ids[b]) for b in members) for members in rows.values())
+    total = max(sum(len(completion_ids[b]) for b in members) for members in rows)
     s, t, k = len(rows), p + total, total + 1  # logits of columns p - 1 .. t - 1
     input_ids = torch.full((s, t), pad_id, dtype=torch.long)
     position_ids = torch.zeros((s, t), dtype=torch.long)
     segment = torch.full((s, t), -1, dtype=torch.long)  # -1 padding, 0 the prompt, j + 1 completion j
     index = torch.zeros(completions.shape, dtype=torch.long)
-    for r, (prompt, members) in enumerate(rows.items()):
+    for r, members in enumerate(rows):
+        prompt = prompt_ids[members[0]]
         input_ids[r, p - len(prompt) : p] = torch.tensor(prompt, dtype=torch.long)
         position_ids[r, p - len(prompt) : p] = torch.arange(len(prompt))
         segment[r, p - len(prompt) : p] = 0
@@ -130,3 +129,8 @@ def by_prompt(indices: Sequence[int], prompt_ids: Sequence[Sequence[int]]) -> li
     for i in indices:
         groups.setdefault(tuple(prompt_ids[i]), []).append(i)
     return list(groups.values())
+
+
+def prompt_adjacent(indices: Sequence[int], prompt_ids: Sequence[Sequence[int]]) -> list[int]:
+    """`indices` reordered so that those of one prompt are side by side (as by_prompt groups them)."""
+    return [i for group in by_prompt(indices, prompt_ids) for i in group]

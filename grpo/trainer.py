@@ -39,7 +39,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import torch
 
@@ -47,7 +47,7 @@ from grpo.distributed import all_reduce_sum, rank, world_size
 from grpo.errors import NonFiniteError
 from grpo.logprobs import token_entropy, token_logprobs
 from grpo.loss import LOSS_AGGREGATIONS, policy_loss
-from grpo.packing import Batch, attention_mask_for, by_prompt, pack
+from grpo.packing import Batch, attention_mask_for, by_prompt, pack, prompt_adjacent
 
 # per-step statistics averaged (token-weighted over micro-batches) into the iteration's metrics
 STEP_STATS = ("loss", "kl", "entropy", "clip_ratio_low", "clip_ratio_high", "clip_ratio", "ratio_mean")
@@ -165,7 +165,7 @@ def _sampled_token_logprobs(models: list, rollouts: Rollouts, cfg: UpdateConfig,
     n = len(rollouts)
     width = max([1, *map(len, rollouts.completion_ids)])  # as grpo.packing: at least one column
     tables: list[Optional[torch.Tensor]] = [None] * len(models)
-    adjacent = [i for group in by_prompt(range(n), rollouts.prompt_ids) for i in group]  # prompts shared in a pack
+    adjacent = prompt_adjacent(range(n), rollouts.prompt_ids)  # prompts shared in a pack
     with torch.no_grad():
         for idx in rank_micro_batches(adjacent, cfg.micro_batch_size, rank(), world_size()):
             # a placeholder micro-batch runs row 0 and keeps nothing: the forwards of a sharded model are
@@ -222,7 +222,7 @@ def optimizer_step(policy, optimizer, rollouts: Rollouts, minibatch: list[int], 
     world = world_size()
     # the minibatch's completions of one prompt side by side, so that a micro-batch packs them on one prompt
     # (the minibatch's gradient is a sum over its completions: their order does not change it)
-    minibatch = [i for group in by_prompt(minibatch, rollouts.prompt_ids) for i in group]
+    minibatch = prompt_adjacent(minibatch, rollouts.prompt_ids)
     micro = rank_micro_batches(minibatch, cfg.micro_batch_size, rank(), world)
     # a placeholder (empty) micro-batch runs the minibatch's first row with a zero mask: no loss, no gradient
     batches = [_pack_rows(rollouts, idx or minibatch[:1], cfg, device) for idx in micro]
