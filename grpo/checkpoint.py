@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 
+from grpo import model_cache
 from grpo.distributed import World, barrier, broadcast_object, full_state_dict, world_size
 from grpo.lora import is_peft_model
 from grpo.models import INFO_FILE, save_atomic, temporary_dir
@@ -52,10 +53,13 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, model: torch.nn.Modul
     path = Path(checkpoint_dir) / OPTIMIZER_DIR
     if not path.exists():
         return False
-    # the target to load into: this optimizer's state dict, keyed by parameter name (for a fresh optimizer,
-    # get_optimizer_state_dict first creates zero moments with a zero-gradient, lr 0 step: no weight moves)
-    state = get_optimizer_state_dict(model, optimizer)
-    _dcp(dcp.load, state, path)
+    # what save_checkpoint kept in memory, in a long-lived worker process (grpo/model_cache.py)
+    state = model_cache.get(checkpoint_dir, OPTIMIZER_DIR) if world_size() == 1 else None
+    if state is None:
+        # the target to load into: this optimizer's state dict, keyed by parameter name (for a fresh optimizer,
+        # get_optimizer_state_dict first creates zero moments with a zero-gradient, lr 0 step: no weight moves)
+        state = get_optimizer_state_dict(model, optimizer)
+        _dcp(dcp.load, state, path)
     set_optimizer_state_dict(model, optimizer, optim_state_dict=state)
     for group in optimizer.param_groups:
         group.update(hyperparameters)
@@ -118,5 +122,10 @@ def save_checkpoint(out_dir: str | Path, model, tokenizer, info: dict, *,
             # to the checkpoint (grpo.lora.describe_base) and LoRA here never touches the embeddings
             warnings.filterwarnings("ignore", message="Could not find a config file")
             save_atomic(model, None if adapter else tokenizer, out_dir, write_extra, tmp=tmp, state_dict=weights)
+    if world.size == 1:  # kept in memory too, in a long-lived worker process (else a no-op)
+        if moments is not None:
+            model_cache.put(out_dir, OPTIMIZER_DIR, moments)
+        if not adapter and not getattr(model, "is_gradient_checkpointing", False):
+            model_cache.put(out_dir, f"model:{next(model.parameters()).dtype}", (model, tokenizer))
     barrier()  # no rank goes on (or exits) before the checkpoint is in place
     return Path(out_dir)

@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from grpo import model_cache
 from grpo.contracts import remove_stale_temporaries, temporary_prefix
 from grpo.errors import InputError
 
@@ -124,9 +125,14 @@ def load_checkpoint(path: str | Path, *, dtype: torch.dtype = torch.float32):
     if is_adapter_dir(path):
         model, tokenizer = load_checkpoint(base_dir(path, checkpoint_info(path)), dtype=dtype)
         return load_adapter(model, path, trainable=False).merge_and_unload(), tokenizer
+    kind = f"model:{dtype}"
+    cached = model_cache.get(path, kind)  # a long-lived worker process read it before (grpo/model_cache.py)
+    if cached is not None:
+        return cached
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model_cache.put(path, kind, (model, tokenizer))
     return model, tokenizer

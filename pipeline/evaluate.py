@@ -13,6 +13,11 @@ What is measured follows the held-out tasks' ground truth (grpo.scoring.ground_t
 
 from __future__ import annotations
 
+from pipeline.worker import delegate
+
+if __name__ == "__main__":
+    delegate("pipeline.evaluate")  # a running worker (pipeline/worker.py) runs the stage and this exits; else it runs here
+
 import dataclasses
 import time
 

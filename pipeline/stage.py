@@ -24,11 +24,15 @@ class StageLog(dict):
     startup_seconds: float  # from the process's start to the stage's body: interpreter start-up and imports
 
 
+STARTED_AT: float | None = None  # set by pipeline/worker.py: when the stage's own (delegating) process started
+
+
 def process_seconds() -> float:
-    """Seconds since this process started (the OS's start time, so imports made before any of our code count)."""
+    """Seconds since this process started (the OS's start time, so imports made before any of our code count);
+    in the worker, since the stage's process started."""
     import psutil
 
-    return time.time() - psutil.Process().create_time()
+    return time.time() - (psutil.Process().create_time() if STARTED_AT is None else STARTED_AT)
 
 
 @contextmanager

@@ -13,6 +13,11 @@ runs as the rank torchrun gave it.
 
 from __future__ import annotations
 
+from pipeline.worker import delegate
+
+if __name__ == "__main__":
+    delegate("pipeline.update")  # a running worker (pipeline/worker.py) runs the stage and this exits; else it runs here
+
 import sys
 import time
 from contextlib import nullcontext

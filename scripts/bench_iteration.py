@@ -4,14 +4,18 @@
     python scripts/bench_iteration.py --gsm8k --iterations 3   # GSM8K: 1000 train prompts, 192 new tokens
     python scripts/bench_iteration.py --skip-trl               # ours only, with the per-stage breakdown
 
-Ours: a clean clone of this repository's HEAD (committed code only), the workload's params applied, the setup
-(`dvc repro evaluate-base`: model, prompts, base evaluation) untimed, then `dvc repro update@N` timed: seconds
-per iteration = its wall time / N, everything included (process starts, model loads, checkpoint writes, DVC).
+Ours: a clean clone of this repository's HEAD (committed code only), the workload's params applied,
+`python -m pipeline.worker` started in it (its one-time start-up printed apart; --no-worker: every stage in its
+own process), the setup (`dvc repro evaluate-base`: model, prompts, base evaluation) untimed, then `dvc repro
+update@N` timed: seconds per iteration = its wall time / N, everything included (stage process starts, model
+loads, checkpoint writes, DVC).
 TRL: `GRPOTrainer` from the same checkpoint 0, on the same prompts in the same order (the ones our rollouts
 used, chat template applied), with our reward functions and weights, G completions each, the same new-token
 limit, temperature, top_p, beta, clip epsilon, learning rate and warm-up, the same optimizer steps per
 generation (per_device_train_batch_size = optim.micro_batch_size, gradient_accumulation_steps =
-minibatch / micro, generation_batch_size = prompts x G), loss_type "grpo" (= our seq_mean_token_mean), bf16
+minibatch / micro, generation_batch_size = prompts x G), the loss_type of our loss.aggregation ("dapo" for
+token_mean: token losses summed over a token count, TRL's the generation batch's count / steps per generation,
+ours the minibatch's; "grpo" for seq_mean_token_mean), bf16
 autocast on fp32 weights: seconds per generation = trainer.train()'s wall time / N (its one-time start-up,
 imports and model loads, is printed apart). Both trained models are scored by our evaluate stage on the same
 held-out problems.
@@ -38,6 +42,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K = ROOT.parent / "shared" / "datasets" / "gsm8k" / "test.jsonl"
 TRL_VERSION = "1.16.0"
+
+# loss.aggregation -> TRL's loss_type that normalises the same way
+TRL_LOSS_TYPES = {"token_mean": "dapo", "seq_mean_token_mean": "grpo", "seq_mean_token_sum_norm": "dr_grpo"}
 
 # our per-iteration metrics -> the breakdown's rows (seconds summed over the iteration's stages)
 BREAKDOWN = {
@@ -75,17 +82,37 @@ def sh(cmd: list[str], cwd: Path, log: Path, env: dict | None = None) -> float:
     return time.perf_counter() - start
 
 
-def run_ours(work: Path, overrides: dict, iterations: int) -> dict:
+def start_worker(ours: Path, log: Path) -> tuple[subprocess.Popen, float]:
+    """`python -m pipeline.worker` in our clone (README, "The worker"); its start-up seconds."""
+    start = time.perf_counter()
+    with log.open("a") as out:
+        worker = subprocess.Popen([sys.executable, "-m", "pipeline.worker"], cwd=ours, stdout=out,
+                                  stderr=subprocess.STDOUT)
+    while not (ours / ".grpo/worker.sock").exists():
+        if worker.poll() is not None:
+            sys.exit(f"error: the worker stopped ({worker.returncode}); see {log}")
+        time.sleep(0.1)
+    return worker, time.perf_counter() - start
+
+
+def run_ours(work: Path, overrides: dict, iterations: int, use_worker: bool) -> dict:
     ours = work / "ours"
     log = work / "ours.log"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(ours)], check=True)
     (work / "overrides.yaml").write_text(json.dumps(overrides))  # JSON is YAML
     sh([sys.executable, "scripts/apply_params.py", str(work / "overrides.yaml")], ours, log)
-    print(f"ours: setup (dvc repro evaluate-base) in {ours}", flush=True)
-    setup = sh(["dvc", "repro", "evaluate-base"], ours, log)
-    print(f"ours: {iterations} iterations (dvc repro update@{iterations}) ...", flush=True)
-    seconds = sh(["dvc", "repro", f"update@{iterations}"], ours, log)
-    sh(["dvc", "repro", f"evaluate@{iterations}"], ours, log)
+    worker, worker_startup = start_worker(ours, work / "worker.log") if use_worker else (None, 0.0)
+    try:
+        print(f"ours: setup (dvc repro evaluate-base) in {ours}", flush=True)
+        setup = sh(["dvc", "repro", "evaluate-base"], ours, log)
+        print(f"ours: {iterations} iterations (dvc repro update@{iterations})"
+              f"{', stages run by pipeline.worker' if worker else ''} ...", flush=True)
+        seconds = sh(["dvc", "repro", f"update@{iterations}"], ours, log)
+        sh(["dvc", "repro", f"evaluate@{iterations}"], ours, log)
+    finally:
+        if worker is not None:
+            sh([sys.executable, "-m", "pipeline.worker", "--stop"], ours, log)
+            worker.wait(60)
     per_iteration = []
     for k in range(1, iterations + 1):
         merged = {}
@@ -97,7 +124,8 @@ def run_ours(work: Path, overrides: dict, iterations: int) -> dict:
     breakdown["DVC, file I/O and the rest"] = seconds / iterations - sum(breakdown.values())
     tokens = {name: sum(m[f"tokens/{name}_per_second"] for m in per_iteration) / iterations
               for name in ("generate", "update")}
-    return {"workspace": str(ours), "setup_seconds": setup, "seconds": seconds,
+    return {"workspace": str(ours), "worker": use_worker, "worker_startup_seconds": worker_startup,
+            "setup_seconds": setup, "seconds": seconds,
             "seconds_per_iteration": seconds / iterations, "breakdown_per_iteration": breakdown,
             "tokens_per_second": tokens,
             "accuracy_base": _accuracy(ours / "data/metrics/0/evaluate.json"),
@@ -170,7 +198,7 @@ def trl_worker(workspace: Path, iterations: int, out: Path, result_file: Path) -
         per_device_train_batch_size=o.micro_batch_size, gradient_accumulation_steps=o.minibatch_size // o.micro_batch_size,
         generation_batch_size=r.prompts_per_iteration * r.group_size, num_generations=r.group_size,
         max_completion_length=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-        beta=loss.beta, epsilon=loss.clip_low, loss_type="grpo", scale_rewards="group", num_iterations=o.epochs,
+        beta=loss.beta, epsilon=loss.clip_low, loss_type=TRL_LOSS_TYPES[loss.aggregation], scale_rewards="group", num_iterations=o.epochs,
         learning_rate=o.learning_rate, lr_scheduler_type="constant_with_warmup", warmup_steps=o.warmup_steps,
         weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm, shuffle_dataset=False,
         max_steps=iterations * steps_per_generation // (o.minibatch_size // o.micro_batch_size) * o.epochs,
@@ -198,6 +226,8 @@ def main() -> None:
     parser.add_argument("--gsm8k", action="store_true", help="the GSM8K workload (1000 train prompts, 192 new tokens)")
     parser.add_argument("--skip-trl", action="store_true")
     parser.add_argument("--trl-python", default=sys.executable)
+    parser.add_argument("--no-worker", action="store_true",
+                        help="every stage in its own process (default: through python -m pipeline.worker)")
     parser.add_argument("--workdir", help="where the runs go (default: a new temporary folder, kept)")
     parser.add_argument("--trl-worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -222,7 +252,7 @@ def main() -> None:
     results = {"workload": "gsm8k" if args.gsm8k else "default", "iterations": n,
                "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                         text=True).stdout.strip(), "cpus": os.cpu_count()}
-    results["ours"] = run_ours(work, workload_overrides(args.gsm8k, n), n)
+    results["ours"] = run_ours(work, workload_overrides(args.gsm8k, n), n, use_worker=not args.no_worker)
     if not args.skip_trl:
         results["trl"] = run_trl(work, args.trl_python, n)
     (work / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -235,13 +265,16 @@ def report(results: dict) -> None:
     print(f"\nworkload {results['workload']}, {results['iterations']} iterations each, commit {results['commit']}, "
           f"{results['cpus']} CPUs")
     print(f"{'':34}{'s / iteration':>14}{'held-out accuracy':>22}")
-    print(f"{'ours (dvc repro)':34}{ours['seconds_per_iteration']:>14.1f}"
+    name = "ours (dvc repro, worker)" if ours["worker"] else "ours (dvc repro)"
+    print(f"{name:34}{ours['seconds_per_iteration']:>14.1f}"
           f"{ours['accuracy_base']:>13.3f} -> {ours['accuracy_trained']:.3f}")
     if trl:
         print(f"{'TRL ' + trl['trl_version'] + ' GRPOTrainer':34}{trl['seconds_per_iteration']:>14.1f}"
               f"{ours['accuracy_base']:>13.3f} -> {trl['accuracy_trained']:.3f}")
         print(f"ratio ours / TRL: {ours['seconds_per_iteration'] / trl['seconds_per_iteration']:.2f}"
               f"   (TRL's one-time start-up, not counted: {trl['startup_seconds']:.1f} s)")
+    if ours["worker"]:
+        print(f"ours: the worker's one-time start-up, not counted: {ours['worker_startup_seconds']:.1f} s")
     print("\nours, seconds per iteration:")
     for row, seconds in ours["breakdown_per_iteration"].items():
         print(f"  {row:44}{seconds:8.1f}")
