@@ -54,7 +54,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, model: torch.nn.Modul
     if not path.exists():
         return False
     # what save_checkpoint kept in memory, in a long-lived worker process (grpo/model_cache.py)
-    state = model_cache.get(checkpoint_dir, OPTIMIZER_DIR) if world_size() == 1 else None
+    state = model_cache.get(checkpoint_dir, OPTIMIZER_DIR, take=True) if world_size() == 1 else None
     if state is None:
         # the target to load into: this optimizer's state dict, keyed by parameter name (for a fresh optimizer,
         # get_optimizer_state_dict first creates zero moments with a zero-gradient, lr 0 step: no weight moves)
@@ -84,8 +84,10 @@ def load_trainer_state(checkpoint_dir: str | Path) -> dict:
 
 def save_checkpoint(out_dir: str | Path, model, tokenizer, info: dict, *,
                     optimizer: Optional[torch.optim.Optimizer] = None, trainer_state: Optional[dict] = None,
-                    world: Optional[World] = None) -> Path:
-    """Write the checkpoint folder atomically; every file is saved straight into the temporary folder.
+                    world: Optional[World] = None, hand_over: bool = False) -> Path:
+    """Write the checkpoint folder atomically; every file is saved straight into the temporary folder. In a
+    long-lived worker (grpo/model_cache.py) the model and the AdamW state are also kept in memory as this
+    checkpoint: copied, or with `hand_over` (the caller is done with them) kept as they are.
 
     With several ranks every rank calls it: each writes its shard of the optimizer state into the temporary
     folder rank 0 made, then rank 0 writes the whole weights (gathered onto its CPU) and the small files and
@@ -124,8 +126,9 @@ def save_checkpoint(out_dir: str | Path, model, tokenizer, info: dict, *,
             save_atomic(model, None if adapter else tokenizer, out_dir, write_extra, tmp=tmp, state_dict=weights)
     if world.size == 1:  # kept in memory too, in a long-lived worker process (else a no-op)
         if moments is not None:
-            model_cache.put(out_dir, OPTIMIZER_DIR, moments)
+            model_cache.put(out_dir, OPTIMIZER_DIR, moments, hand_over=hand_over)
         if not adapter and not getattr(model, "is_gradient_checkpointing", False):
-            model_cache.put(out_dir, f"model:{next(model.parameters()).dtype}", (model, tokenizer))
+            model_cache.put(out_dir, f"model:{next(model.parameters()).dtype}", (model, tokenizer),
+                            hand_over=hand_over)
     barrier()  # no rank goes on (or exits) before the checkpoint is in place
     return Path(out_dir)

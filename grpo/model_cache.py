@@ -48,23 +48,27 @@ def _nbytes(obj) -> int:
     return 0
 
 
-def get(folder: str | Path, kind: str):
-    """A copy of what `put` stored for this folder and kind, if the folder is unchanged since; else None."""
+def get(folder: str | Path, kind: str, *, take: bool = False):
+    """What `put` stored for this folder and kind, if the folder is unchanged since; else None. A copy, or with
+    `take` the stored object itself, which leaves the cache (for a caller that will change it: no copy made)."""
     if not enabled():
         return None
     key = (str(Path(folder).resolve()), kind)
-    entry = _entries.get(key)
+    entry = _entries.pop(key, None) if take else _entries.get(key)
     if entry is None or not Path(folder).is_dir() or entry[0] != stamp(folder):
         return None
     global hits
     hits += 1
+    if take:
+        return entry[1]
     _entries.move_to_end(key)
     return copy.deepcopy(entry[1])
 
 
-def put(folder: str | Path, kind: str, obj) -> None:
-    """Keep a copy of `obj` as the content of `folder` (already written) for `kind`; the least recently used
-    entries leave when the cache would exceed its size."""
+def put(folder: str | Path, kind: str, obj, *, hand_over: bool = False) -> None:
+    """Keep `obj` as the content of `folder` (already written) for `kind`: a copy, or with `hand_over` the object
+    itself (its owner is done with it). The least recently used entries leave when the cache would exceed its
+    size."""
     if not enabled():
         return
     key = (str(Path(folder).resolve()), kind)
@@ -74,12 +78,11 @@ def put(folder: str | Path, kind: str, obj) -> None:
         return
     while _entries and sum(e[2] for e in _entries.values()) + size > _max_bytes:
         _entries.popitem(last=False)
-    _entries[key] = (stamp(folder), _fresh_copy(obj), size)
+    _entries[key] = (stamp(folder), _fresh(obj if hand_over else copy.deepcopy(obj)), size)
 
 
-def _fresh_copy(obj):
-    """A copy whose models are as loading their checkpoint gives them: evaluation mode, no gradients attached."""
-    obj = copy.deepcopy(obj)
+def _fresh(obj):
+    """`obj` with its models as loading their checkpoint gives them: evaluation mode, no gradients attached."""
     for model in obj if isinstance(obj, tuple) else (obj,):
         if isinstance(model, torch.nn.Module):
             model.eval()

@@ -114,10 +114,11 @@ def save_atomic(model, tokenizer, out_dir: str | Path, write_extra: Callable[[Pa
         raise
 
 
-def load_checkpoint(path: str | Path, *, dtype: torch.dtype = torch.float32):
+def load_checkpoint(path: str | Path, *, dtype: torch.dtype = torch.float32, to_train: bool = False):
     """(model, tokenizer) from a directory written by save_atomic. A LoRA checkpoint (grpo/lora.py) loads its
     base and merges the adapter into the weights, W + (alpha / r) B A: a plain model (for sampling, evaluation
-    and export; the update loads the adapter itself, to train it)."""
+    and export; the update loads the adapter itself, to train it). `to_train`: the caller will change the
+    weights, so a worker's copy in memory (grpo/model_cache.py) is handed over rather than copied."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from grpo.lora import base_dir, is_adapter_dir, load_adapter
@@ -126,7 +127,7 @@ def load_checkpoint(path: str | Path, *, dtype: torch.dtype = torch.float32):
         model, tokenizer = load_checkpoint(base_dir(path, checkpoint_info(path)), dtype=dtype)
         return load_adapter(model, path, trainable=False).merge_and_unload(), tokenizer
     kind = f"model:{dtype}"
-    cached = model_cache.get(path, kind)  # a long-lived worker process read it before (grpo/model_cache.py)
+    cached = model_cache.get(path, kind, take=to_train)  # a long-lived worker read or wrote it before
     if cached is not None:
         return cached
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -134,5 +135,6 @@ def load_checkpoint(path: str | Path, *, dtype: torch.dtype = torch.float32):
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    model_cache.put(path, kind, (model, tokenizer))
+    if not to_train:
+        model_cache.put(path, kind, (model, tokenizer))
     return model, tokenizer

@@ -74,7 +74,7 @@ def load_policy(args, params):
         raise ConfigError(f"model.lora is null but {args.policy} is a LoRA adapter checkpoint; set model.lora as "
                           "in the run that wrote it, or start again from data/checkpoints/0")
     if lora is None:
-        policy, tokenizer = load_checkpoint(args.policy)
+        policy, tokenizer = load_checkpoint(args.policy, to_train=True)
         return policy, tokenizer, None
     if adapter:
         base = base_dir(args.policy, checkpoint_info(args.policy))
@@ -115,7 +115,9 @@ def update(args, params, world: World) -> None:
         table = table[table["kept"]].reset_index(drop=True)
         policy, reference, tokenizer, base = load_models(args, params, world)
         # only what trains has AdamW moments: every weight, or (LoRA) the adapter's A and B
-        optimizer = torch.optim.AdamW(trainable_parameters(policy), lr=o.learning_rate, weight_decay=o.weight_decay)
+        # fused: one kernel over all parameters (CPU and CUDA; FSDP2's DTensors too), ~5x faster a step on this CPU
+        optimizer = torch.optim.AdamW(trainable_parameters(policy), lr=o.learning_rate, weight_decay=o.weight_decay,
+                                      fused=True)
         # AdamW moments and the step count carry over between iterations; params.yaml's values win
         load_optimizer_state(optimizer, policy, args.policy, lr=o.learning_rate, weight_decay=o.weight_decay)
         global_step = load_trainer_state(args.policy)["global_step"]
@@ -157,7 +159,9 @@ def update(args, params, world: World) -> None:
             describe_base(policy, info["base"])
         policy.eval()
         saving = time.perf_counter()
-        save_checkpoint(args.out, policy, tokenizer, info, optimizer=optimizer, trainer_state=trainer_state, world=world)
+        # the last use of the policy and the optimizer: a worker keeps them as checkpoint k, uncopied
+        save_checkpoint(args.out, policy, tokenizer, info, optimizer=optimizer, trainer_state=trainer_state, world=world,
+                        hand_over=True)
         if not world.is_main:
             return
         metrics["time/update_save_seconds"] = time.perf_counter() - saving

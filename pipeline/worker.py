@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline.stage import process_age
+
 SOCKET = Path(".grpo") / "worker.sock"  # relative to the repository root (AF_UNIX paths are short)
 # environment variables that change what a stage computes or where: the worker declines a stage whose own differ
 ENV_PREFIXES = ("CUDA_", "OMP_", "MKL_", "HF_", "TRANSFORMERS_", "VLLM_", "TORCH", "PYTORCH_", "PYTHONHASHSEED")
@@ -54,7 +56,7 @@ def delegate(module: str) -> None:
         conn.close()
         return  # a socket left by a worker that is gone
     _send(conn, {"module": module, "argv": sys.argv[1:], "cwd": os.getcwd(), "env": relevant_env(),
-                 "started": _process_start_time()})
+                 "started": time.time() - process_age()})  # the stage's start-up counts this process's
     status = None
     with conn.makefile("r", encoding="utf-8") as replies:
         for line in replies:
@@ -75,17 +77,6 @@ def delegate(module: str) -> None:
         print(f"worker: it stopped before {module} finished", file=sys.stderr)
         status = 1
     sys.exit(status)
-
-
-def _process_start_time() -> float:
-    """When this process started (Linux: /proc), so the stage's start-up time counts the interpreter's too."""
-    try:
-        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime"))
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
-        return time.time()
 
 
 # -- the worker's side --------------------------------------------------------------------------------------------
