@@ -33,7 +33,7 @@ from grpo.distributed import World, barrier, relaunch, shard_model, start, stop,
 from grpo.errors import USER_ERROR_EXIT, ConfigError, InputError, UserError
 from grpo.lora import (ReferenceView, add_adapter, base_dir, describe_base, is_adapter_dir, load_adapter, relative_base,
                        trainable_parameters)
-from grpo.models import checkpoint_info, load_checkpoint, resolve_device
+from grpo.models import checkpoint_info, load_checkpoint, resolve_device, use_fast_attention
 from grpo.trainer import Rollouts, UpdateConfig, grpo_update
 from pipeline.stage import iteration_parser, run, stage, write_json
 
@@ -92,6 +92,7 @@ def load_models(args, params, world: World):
     policy, tokenizer, base = load_policy(args, params)
     if o.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    use_fast_attention(policy, world.device)
     policy = shard_model(policy.train(), world)
     reference = None
     if params.loss.beta != 0.0 and base is not None:
@@ -101,6 +102,7 @@ def load_models(args, params, world: World):
         reference = ReferenceView(policy)
     elif params.loss.beta != 0.0:
         reference, _ = load_checkpoint(args.reference, dtype=torch.bfloat16 if o.bf16 else torch.float32)
+        use_fast_attention(reference, world.device)
         reference = shard_model(reference.eval().requires_grad_(False), world)
     return policy, reference, tokenizer, base
 

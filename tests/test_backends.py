@@ -12,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from grpo.backends import BACKENDS, backend_options, make_backend, select_backend
 
@@ -125,3 +126,18 @@ def test_a_replica_that_fails_to_start_is_reported_and_nothing_is_left_running(t
     left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before and p.is_running()
             and p.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(p.cmdline())]
     assert not left, left
+
+
+def test_inverse_cdf_sampling_draws_each_token_with_its_probability():
+    from grpo.backends.hf import _inverse_cdf_sample
+
+    n = 200_000
+    # unnormalised rows (as float32 softmax outputs are), zero-probability tokens among them, one certain token
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3001, 0.0], [0.0, 0.0, 0.0, 1.0, 0.0]]).repeat(n, 1)
+    torch.manual_seed(0)
+    drawn = _inverse_cdf_sample(probs).view(n, 2)
+    frequency = torch.bincount(drawn[:, 0], minlength=5).double() / n
+    expected = probs[0].double() / probs[0].double().sum()
+    assert torch.allclose(frequency, expected, atol=0.006), frequency  # 5 standard deviations at p = 0.6
+    assert frequency[1] == 0 and frequency[4] == 0
+    assert (drawn[:, 1] == 3).all()

@@ -81,11 +81,15 @@ def test_checkpoints_after_the_base_are_adapters_with_their_optimizer_state(lora
         assert size < 0.1 * base_bytes, (k, size, base_bytes)
         adapter = load_file(folder / "adapter_model.safetensors")
         assert adapter and all("lora_A" in n or "lora_B" in n for n in adapter)
-        assert any(t.abs().max() > 0 for n, t in adapter.items() if "lora_B" in n)  # B has left 0
+        # B leaves 0 exactly when some completion so far had a nonzero advantage (with B = 0 the policy is the
+        # reference: no KL gradient either). A tiny random model's rewards are often all 0; then B must stay 0.
+        signal = any(pd.read_parquet(lora_project / f"data/advantages/{j}.parquet")["advantage"].abs().max() > 0
+                     for j in range(1, k + 1))
+        assert any(t.abs().max() > 0 for n, t in adapter.items() if "lora_B" in n) == signal, signal
         # AdamW state for the adapter's parameters and nothing else
         state = read_optimizer_state(folder)["state"]
         assert len(state) == len(adapter) and all("lora_" in name for name in state)
-        if previous is not None:
+        if previous is not None and signal:
             assert any((adapter[n] - previous[n]).abs().max() > 0 for n in adapter)
         previous = adapter
 
