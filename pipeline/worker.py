@@ -195,20 +195,22 @@ def serve(cache_gb: float) -> None:
         running.set()
         threading.Thread(target=watch, args=(conn,), daemon=True).start()
         try:
-            stage.run(importlib.import_module(request["module"]).main, request["argv"])
-        except SystemExit as e:
-            status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-            if not isinstance(e.code, (int, type(None))):
-                print(e.code, file=sys.stderr)
-        except StageCancelled:
+            try:
+                stage.run(importlib.import_module(request["module"]).main, request["argv"])
+            except SystemExit as e:
+                status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+                if not isinstance(e.code, (int, type(None))):
+                    print(e.code, file=sys.stderr)
+            except Exception:  # a bug in the stage: its traceback goes to the stage's process, the worker goes on
+                traceback.print_exc()
+                status = 1
+            finally:
+                running.clear()
+        except StageCancelled:  # raised in the stage, or in the instant between its end and running.clear()
             status = None
-        except Exception:  # a bug in the stage: its traceback goes to the stage's process, the worker goes on
-            traceback.print_exc()
-            status = 1
-        finally:
-            running.clear()
-            stage.STARTED_AT = None
-            stdout.conn = stderr.conn = None
+        running.clear()
+        stage.STARTED_AT = None
+        stdout.conn = stderr.conn = None
         command = " ".join([request["module"], *request["argv"]])
         print(f"worker: {command} ... " + ("cancelled (its process went away)" if status is None else
               f"exit {status} in {time.perf_counter() - began:.1f}s, {model_cache.hits - hits} loads from memory"),
