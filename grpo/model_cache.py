@@ -4,7 +4,8 @@ read the same weights and AdamW moments from disk again.
 An entry is keyed by (checkpoint folder, kind) and remembers the folder's stamp: every file's relative path,
 size and modification time, as DVC's own state database uses to skip re-hashing. A folder that changed on disk
 (rewritten, checked out again) no longer matches and is read from disk. `get` and `put` copy, so what a stage
-does with its model never reaches the cache. Disabled (every call a no-op) unless `enable` was called: an
+does with its model never reaches the cache, except where the caller says it is done with the object
+(`put(hand_over=True)`) or will change it (`get(take=True)`, which removes the entry). Disabled (every call a no-op) unless `enable` was called: an
 ordinary stage process gains nothing from a cache it will not live to use.
 """
 

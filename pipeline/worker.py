@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.stage import process_age
+from pipeline import stage
 
 SOCKET = Path(".grpo") / "worker.sock"  # relative to the repository root (AF_UNIX paths are short)
 # environment variables that change what a stage computes or where: the worker declines a stage whose own differ
@@ -56,7 +56,7 @@ def delegate(module: str) -> None:
         conn.close()
         return  # a socket left by a worker that is gone
     _send(conn, {"module": module, "argv": sys.argv[1:], "cwd": os.getcwd(), "env": relevant_env(),
-                 "started": time.time() - process_age()})  # the stage's start-up counts this process's
+                 "started": time.time() - stage.process_age()})  # the stage's start-up counts this process's
     status = None
     with conn.makefile("r", encoding="utf-8") as replies:
         for line in replies:
@@ -130,7 +130,6 @@ def serve(cache_gb: float) -> None:
     for module in STAGES:  # torch, transformers, pandas, ... imported once
         importlib.import_module(module)
     from grpo import model_cache
-    from pipeline import stage
 
     model_cache.enable(int(cache_gb * 2**30))
     code, env = code_stamp(root), relevant_env()

@@ -75,7 +75,6 @@ def test_repro_through_the_worker_writes_what_the_stages_write_alone(cold_projec
     # iteration 2 reads checkpoint 1, which iteration 1's update left in memory, and the base (read before)
     update2 = next(line for line in served if "pipeline.update " in line and "--iteration 2 " in line)
     assert "3 loads from memory" in update2, update2  # policy, AdamW state, reference
-    assert locked_outputs(project).keys() == locked_outputs(cold_project).keys()
     assert locked_outputs(project) == locked_outputs(cold_project)  # checkpoints included: the same bytes
     for k in (1, 2):
         same_checkpoint(project / f"data/checkpoints/{k}", cold_project / f"data/checkpoints/{k}")

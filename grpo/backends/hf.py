@@ -37,8 +37,8 @@ def _sampling_processors(temperature: float, top_p: float) -> list:
 
 def _inverse_cdf_sample(probs: torch.Tensor) -> torch.Tensor:
     """One token per row of probs [rows, V]: the first whose cumulative probability exceeds u * total, u ~ U[0, 1).
-    One uniform number per row (torch.multinomial draws an exponential per vocabulary entry: on the CPU a
-    third of a decoding step's time at V = 49152)."""
+    One uniform number per row (torch.multinomial draws an exponential per vocabulary entry: on the CPU one of
+    the sampling loop's largest costs at V = 49152)."""
     cdf = probs.cumsum(-1)
     u = torch.rand(probs.shape[0], 1, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
@@ -107,7 +107,8 @@ class HFBackend:
 
         if model is None:
             model, tokenizer = load_checkpoint(model_dir)
-            model = use_fast_attention(model.to(resolve_device(device)), resolve_device(device))
+            target = resolve_device(device)
+            model = use_fast_attention(model.to(target), target)
         self.model, self.tokenizer = model.eval(), tokenizer
         self.tokenizer.padding_side = "left"
         self.prompts_per_batch = prompts_per_batch
