@@ -6,8 +6,8 @@ on every token of o_i):
     A_i = (r_i - mean(r)) / (std(r) + eps)          DeepSeekMath eq. (4), std unbiased (n-1) as TRL/verl
 
 Scale variants (ADVANTAGE_SCALES):
-    group  std over the prompt's own group (default)
-    batch  std over the whole batch; the mean stays per group  (TRL scale_rewards="batch")
+    group  std over the prompt's own group (DeepSeekMath; this function's default)
+    batch  std over the whole batch; the mean stays per group  (TRL scale_rewards="batch"; params.yaml's default)
     none   A_i = r_i - mean(r), no std division                  (Dr. GRPO)
 
 A group whose rewards are all equal, or a group of one, carries no signal and gets advantage 0 exactly.

@@ -198,7 +198,7 @@ def trl_worker(workspace: Path, iterations: int, out: Path, result_file: Path) -
         per_device_train_batch_size=o.micro_batch_size, gradient_accumulation_steps=o.minibatch_size // o.micro_batch_size,
         generation_batch_size=r.prompts_per_iteration * r.group_size, num_generations=r.group_size,
         max_completion_length=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-        beta=loss.beta, epsilon=loss.clip_low, loss_type=TRL_LOSS_TYPES[loss.aggregation], scale_rewards="group", num_iterations=o.epochs,
+        beta=loss.beta, epsilon=loss.clip_low, loss_type=TRL_LOSS_TYPES[loss.aggregation], scale_rewards=params.advantage.scale, num_iterations=o.epochs,
         learning_rate=o.learning_rate, lr_scheduler_type="constant_with_warmup", warmup_steps=o.warmup_steps,
         weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm, shuffle_dataset=False,
         max_steps=iterations * steps_per_generation // (o.minibatch_size // o.micro_batch_size) * o.epochs,
