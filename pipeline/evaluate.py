@@ -3,8 +3,8 @@
     python -m pipeline.evaluate --iteration 0 --policy data/checkpoints/0 --out data/eval/0.parquet
 
 What is measured follows the held-out tasks' ground truth (grpo.scoring.ground_truth_kind):
-    answers        eval/accuracy (correctness as reward.strict_answer reads it), eval/accuracy_lenient,
-                   eval/format_rate
+    answers        eval/accuracy (correctness as reward.strict_answer reads it), eval/accuracy_strict (the
+                   '#### N' line only), eval/accuracy_lenient, eval/format_rate
     code tasks     eval/pass_rate: the fraction whose greedy program passes every test (code_tests with
                    all_or_nothing, in the sandbox, with reward.code_tests' limits and reward.sandbox)
     reasoning-gym  eval/accuracy: the mean of the generators' verifier scores; eval/format_rate: the fraction
@@ -95,9 +95,11 @@ def answer_scores(samples: list[Sample], params, e) -> tuple[dict, dict]:
     scores = {True: score_completions(samples, {"correctness": 1.0, "format": 1.0}, settings[True]),
               False: score_completions(samples, {"correctness": 1.0}, settings[False])}
     columns = {"correct": [v == 1.0 for v in scores[params.reward.strict_answer]["reward_correctness"]],
+               "correct_strict": [v == 1.0 for v in scores[True]["reward_correctness"]],
                "correct_lenient": [v == 1.0 for v in scores[False]["reward_correctness"]],
                "format_ok": [v == 1.0 for v in scores[True]["reward_format"]]}
-    return columns, {"eval/accuracy": _mean(columns["correct"]), "eval/accuracy_lenient": _mean(columns["correct_lenient"]),
+    return columns, {"eval/accuracy": _mean(columns["correct"]), "eval/accuracy_strict": _mean(columns["correct_strict"]),
+                     "eval/accuracy_lenient": _mean(columns["correct_lenient"]),
                      "eval/format_rate": _mean(columns["format_ok"])}
 
 
