@@ -124,7 +124,9 @@ def run_ours(work: Path, overrides: dict, iterations: int, use_worker: bool) -> 
     breakdown["DVC, file I/O and the rest"] = seconds / iterations - sum(breakdown.values())
     tokens = {name: sum(m[f"tokens/{name}_per_second"] for m in per_iteration) / iterations
               for name in ("generate", "update")}
+    lengths = [m["completions/mean_length"] for m in per_iteration]
     return {"workspace": str(ours), "worker": use_worker, "worker_startup_seconds": worker_startup,
+            "completion_mean_length": sum(lengths) / iterations,
             "setup_seconds": setup, "seconds": seconds,
             "seconds_per_iteration": seconds / iterations, "breakdown_per_iteration": breakdown,
             "tokens_per_second": tokens,
@@ -217,7 +219,14 @@ def trl_worker(workspace: Path, iterations: int, out: Path, result_file: Path) -
     result_file.write_text(json.dumps({
         "trl_version": trl.__version__, "startup_seconds": startup, "seconds": seconds,
         "seconds_per_iteration": seconds / iterations, "optimizer_steps": trainer.state.global_step,
-        "prompts": len(rows)}))
+        "prompts": len(rows), "completion_mean_length": _mean_logged(trainer.state.log_history,
+                                                                     "completions/mean_length")}))
+
+
+def _mean_logged(history: list[dict], key: str) -> float | None:
+    """The mean of a metric over TRL's logged steps (None when TRL did not log it)."""
+    values = [entry[key] for entry in history if key in entry]
+    return sum(values) / len(values) if values else None
 
 
 def main() -> None:
@@ -275,6 +284,12 @@ def report(results: dict) -> None:
               f"   (TRL's one-time start-up, not counted: {trl['startup_seconds']:.1f} s)")
     if ours["worker"]:
         print(f"ours: the worker's one-time start-up, not counted: {ours['worker_startup_seconds']:.1f} s")
+    if trl and trl.get("completion_mean_length"):
+        # the same work means completions of about the same length: a run that collapsed to short answers
+        # does less of it, and its ratio says nothing
+        a, b = ours["completion_mean_length"], trl["completion_mean_length"]
+        print(f"mean completion length: ours {a:.1f} tokens, TRL {b:.1f}"
+              + ("" if abs(a - b) <= 0.25 * max(a, b) else "   WARNING: not the same amount of work (> 25% apart)"))
     print("\nours, seconds per iteration:")
     for row, seconds in ours["breakdown_per_iteration"].items():
         print(f"  {row:44}{seconds:8.1f}")
