@@ -83,3 +83,21 @@ def test_math_verify_times_out_instead_of_hanging():
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "0.0"
     assert time.monotonic() - start < 60
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_evaluate_reports_strict_and_lenient_accuracy_whatever_the_training_reward(strict):
+    """eval/accuracy follows reward.strict_answer; eval/accuracy_strict and eval/accuracy_lenient never move."""
+    from types import SimpleNamespace
+
+    from pipeline.evaluate import answer_scores
+
+    samples = [Sample("3 + 4 = 7\n#### 7", "7", 9, "stop"),  # right, stated as asked
+               Sample("3 + 4 = 7. The answer is 7", "7", 10, "stop"),  # right, not as asked
+               Sample("#### 8", "7", 3, "stop")]  # wrong, formatted
+    params = SimpleNamespace(reward=SimpleNamespace(strict_answer=strict, overlong_buffer=16))
+    columns, metrics = answer_scores(samples, params, SimpleNamespace(max_new_tokens=48))
+    assert metrics["eval/accuracy_strict"] == pytest.approx(1 / 3)
+    assert metrics["eval/accuracy_lenient"] == pytest.approx(2 / 3)
+    assert metrics["eval/accuracy"] == pytest.approx(1 / 3 if strict else 2 / 3)
+    assert columns["correct_strict"] == [True, False, False] and metrics["eval/format_rate"] == pytest.approx(2 / 3)
