@@ -94,10 +94,9 @@ def answer_scores(samples: list[Sample], params, e) -> tuple[dict, dict]:
     # format reads the '#### N' line whatever strict_answer says: the lenient pass needs correctness only
     scores = {True: score_completions(samples, {"correctness": 1.0, "format": 1.0}, settings[True]),
               False: score_completions(samples, {"correctness": 1.0}, settings[False])}
-    columns = {"correct": [v == 1.0 for v in scores[params.reward.strict_answer]["reward_correctness"]],
-               "correct_strict": [v == 1.0 for v in scores[True]["reward_correctness"]],
-               "correct_lenient": [v == 1.0 for v in scores[False]["reward_correctness"]],
-               "format_ok": [v == 1.0 for v in scores[True]["reward_format"]]}
+    correct = {strict: [v == 1.0 for v in scores[strict]["reward_correctness"]] for strict in (True, False)}
+    columns = {"correct": correct[params.reward.strict_answer], "correct_strict": correct[True],
+               "correct_lenient": correct[False], "format_ok": [v == 1.0 for v in scores[True]["reward_format"]]}
     return columns, {"eval/accuracy": _mean(columns["correct"]), "eval/accuracy_strict": _mean(columns["correct_strict"]),
                      "eval/accuracy_lenient": _mean(columns["correct_lenient"]),
                      "eval/format_rate": _mean(columns["format_ok"])}
