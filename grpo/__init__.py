@@ -11,16 +11,16 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "ADVANTAGE_SCALES": "grpo.advantages",
-    "group_advantages": "grpo.advantages",
-    "group_stats": "grpo.advantages",
-    "KL_ESTIMATORS": "grpo.kl",
-    "kl_divergence": "grpo.kl",
-    "token_entropy": "grpo.logprobs",
-    "token_logprobs": "grpo.logprobs",
-    "IMPORTANCE_LEVELS": "grpo.loss",
-    "LOSS_AGGREGATIONS": "grpo.loss",
-    "policy_loss": "grpo.loss",
+    "ADVANTAGE_SCALES": "grpo.algorithm.advantages",
+    "group_advantages": "grpo.algorithm.advantages",
+    "group_stats": "grpo.algorithm.advantages",
+    "KL_ESTIMATORS": "grpo.algorithm.kl",
+    "kl_divergence": "grpo.algorithm.kl",
+    "token_entropy": "grpo.algorithm.logprobs",
+    "token_logprobs": "grpo.algorithm.logprobs",
+    "IMPORTANCE_LEVELS": "grpo.algorithm.loss",
+    "LOSS_AGGREGATIONS": "grpo.algorithm.loss",
+    "policy_loss": "grpo.algorithm.loss",
 }
 
 __all__ = sorted(_EXPORTS)

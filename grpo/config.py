@@ -89,7 +89,7 @@ class PromptsConfig:
     path: Optional[str] = _spec(allowed="a JSONL or Parquet path (null for synthetic, humaneval, reasoning_gym)")
     question_column: str = _spec(allowed="a column name", check=bool)
     answer_column: str = _spec(allowed="a column name", check=bool)
-    # source file only: a column of code tests ({"test", "entry_point"[, "prompt"]}, grpo.code_tasks), which
+    # source file only: a column of code tests ({"test", "entry_point"[, "prompt"]}, grpo.environments.code_tasks), which
     # become the ground truth (answer_column is then not read); null: the file has answers
     tests_column: Optional[str] = _spec(allowed="null or a column name", check=bool)
     num_train: int = _spec(**_positive_int())
@@ -151,7 +151,7 @@ class RewardConfig:
     # falling linearly to -1 at max_new_tokens
     overlong_buffer: int = _spec(**_positive_int())
     code_tests: CodeTestsConfig
-    # where code_tests runs the programs: bwrap (grpo.sandbox), or none = UNSAFE, unconfined, for trusted code
+    # where code_tests runs the programs: bwrap (grpo.environments.sandbox), or none = UNSAFE, unconfined, for trusted code
     sandbox: str = _spec(**_choice(["bwrap", "none"]))
 
 

@@ -1,15 +1,12 @@
 """Parquet contracts between stages (one row per prompt or per completion), as pyarrow schemas.
 
     read_table(path, ROLLOUTS)   -> validated pyarrow.Table; ContractError names the file and the column
-    write_table(table, path, ROLLOUTS)  validates, writes to a temporary name in the same folder, fsyncs,
-                                        renames: a killed writer never leaves a file that looks complete
+    write_table(table, path, ROLLOUTS)  validates, then writes atomically (grpo.models.atomic): a killed writer
+                                        never leaves a file that looks complete
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -19,6 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from grpo.errors import ContractError
+from grpo.models.atomic import atomic_write
 
 
 @dataclass(frozen=True)
@@ -158,40 +156,6 @@ def read_table(path: str | Path, contract: Contract, *, allow_empty: bool = Fals
     if not allow_empty and table.num_rows == 0:
         raise ContractError(f"{path} ({contract.name} contract): the file has no rows")
     return validate(table, contract, str(path))
-
-
-def temporary_prefix(path: Path) -> str:
-    """Temporaries of `path` are named .<name>.<random>.tmp beside it."""
-    return f".{path.name}."
-
-
-def remove_stale_temporaries(path: str | Path) -> list[Path]:
-    """Delete what a killed writer of `path` left behind (its .<name>.*.tmp files or folders). Stages run one
-    at a time per output (DVC's lock), so a temporary that exists when the writer starts is stale."""
-    path = Path(path)
-    stale = sorted(path.parent.glob(f"{temporary_prefix(path)}*.tmp")) if path.parent.exists() else []
-    for leftover in stale:
-        shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
-    return stale
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Run write(tmp) on a temporary file beside `path`, fsync it, then rename it to `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=temporary_prefix(path), suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_table(table: pa.Table, path: str | Path, contract: Contract) -> Path:

@@ -2,7 +2,7 @@
 
     world = start("auto")          # under torchrun: join the process group (nccl on CUDA, gloo on the CPU)
     shard_model(policy, world)     # FSDP2: each decoder layer, then the root
-    ...                            # grpo.trainer: rank r trains on minibatch[r::W] of each minibatch
+    ...                            # grpo.algorithm.trainer: rank r trains on minibatch[r::W] of each minibatch
     weights = full_state_dict(policy, world)   # rank 0: the whole state dict on the CPU; other ranks: {}
     stop(world)
 
@@ -22,7 +22,7 @@ from typing import Optional, Sequence, TypeVar
 import torch
 import torch.distributed as dist
 
-from grpo.models import resolve_device
+from grpo.models.loading import resolve_device
 
 T = TypeVar("T")
 
@@ -102,7 +102,7 @@ def shard_model(model: torch.nn.Module, world: World) -> torch.nn.Module:
     unit, the root holds the rest (embeddings, final norm, lm_head; tied weights stay tied), each rank's shards
     on its device. A world of one: the whole model moved to the device.
 
-    FSDP2 averages the ranks' gradients (reduce-scatter mean, (1/W) sum_r g_r); grpo.trainer scales each
+    FSDP2 averages the ranks' gradients (reduce-scatter mean, (1/W) sum_r g_r); grpo.algorithm.trainer scales each
     rank's loss by W so that the result is the sum, the 1-process gradient."""
     if world.size == 1:
         return model.to(world.device)

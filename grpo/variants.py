@@ -6,12 +6,12 @@ stage depends only on the library code it runs (dvc.yaml), not on every registry
 
 from __future__ import annotations
 
-from grpo.advantages import ADVANTAGE_SCALES
+from grpo.algorithm.advantages import ADVANTAGE_SCALES
 from grpo.errors import ConfigError
-from grpo.kl import KL_ESTIMATORS
-from grpo.loss import IMPORTANCE_LEVELS, LOSS_AGGREGATIONS
+from grpo.algorithm.kl import KL_ESTIMATORS
+from grpo.algorithm.loss import IMPORTANCE_LEVELS, LOSS_AGGREGATIONS
 from grpo.registry import Registry
-from grpo.rewards import REWARD_FUNCTIONS
+from grpo.environments.rewards import REWARD_FUNCTIONS
 
 # params.yaml key -> the registry its value (or, for a mapping, each of its keys) must be in
 VARIANTS: dict[str, Registry] = {

@@ -5,19 +5,20 @@
 
 from __future__ import annotations
 
-from pipeline.worker import delegate
+from pipeline.worker.client import delegate
 
 if __name__ == "__main__":
-    delegate("pipeline.advantages")  # a running worker (pipeline/worker.py) runs the stage and this exits; else it runs here
+    delegate("pipeline.advantages")  # a running worker (pipeline/worker/) runs the stage and this exits; else it runs here
 
 
 import pyarrow as pa
 import torch
 
-from grpo.advantages import group_advantages, group_stats
+from grpo.algorithm.advantages import group_advantages, group_stats
 from grpo.config import load_params
 from grpo.contracts import ADVANTAGES, SCORED, read_table, write_table
-from pipeline.stage import iteration_parser, run, stage, write_json
+from grpo.models.atomic import write_json
+from pipeline.stage import iteration_parser, run, stage
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,10 +6,10 @@ the run here, with one clear error (naming the file, and for a bad row its line 
 bad row at once), before anything already produced is touched. Its output never changes (it only exists
 when the inputs are valid), so a valid parameter change re-runs only what it affects.
 
-The prompts file gets the same row validation as prepare-prompts (grpo.prompt_files.read_prompts_source); only
+The prompts file gets the same row validation as prepare-prompts (grpo.environments.prompt_files.read_prompts_source); only
 the prompt-length check waits for prepare-prompts, which has the model's tokenizer. For prompts.source
 reasoning_gym the generators and their settings are checked. What the weighted rewards need to run is checked
-too (grpo.scoring.check_reward_requirements): code_tests with reward.sandbox bwrap stops here when bwrap cannot
+too (grpo.environments.scoring.check_reward_requirements): code_tests with reward.sandbox bwrap stops here when bwrap cannot
 run on this machine.
 
     python -m pipeline.check_inputs --params params.yaml --out data/inputs.ok
@@ -21,10 +21,10 @@ import argparse
 import logging
 
 from grpo.config import load_params
-from grpo.contracts import atomic_write
-from grpo.prompt_files import read_prompts_source
-from grpo.reasoning_gym_tasks import check_generators
-from grpo.scoring import check_reward_requirements
+from grpo.models.atomic import write_text
+from grpo.environments.prompt_files import read_prompts_source
+from grpo.environments.reasoning_gym_tasks import check_generators
+from grpo.environments.scoring import check_reward_requirements
 from grpo.variants import check_variant_names
 from pipeline.stage import run, stage
 
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
             log.update(prompt_rows=len(prompts.rows), duplicates_dropped=len(prompts.duplicates))
             if prompts.duplicates:
                 logging.getLogger("pipeline").info("check-inputs: %s", prompts.duplicates_note())
-        atomic_write(args.out, lambda tmp: tmp.write_text(OK_TEXT))
+        write_text(args.out, OK_TEXT)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     python -m pipeline.evaluate --iteration 0 --policy data/checkpoints/0 --out data/eval/0.parquet
 
-What is measured follows the held-out tasks' ground truth (grpo.scoring.ground_truth_kind):
+What is measured follows the held-out tasks' ground truth (grpo.environments.scoring.ground_truth_kind):
     answers        eval/accuracy (correctness as reward.strict_answer reads it), eval/accuracy_strict (the
                    '#### N' line only), eval/accuracy_lenient, eval/format_rate
     code tasks     eval/pass_rate: the fraction whose greedy program passes every test (code_tests with
@@ -13,10 +13,10 @@ What is measured follows the held-out tasks' ground truth (grpo.scoring.ground_t
 
 from __future__ import annotations
 
-from pipeline.worker import delegate
+from pipeline.worker.client import delegate
 
 if __name__ == "__main__":
-    delegate("pipeline.evaluate")  # a running worker (pipeline/worker.py) runs the stage and this exits; else it runs here
+    delegate("pipeline.evaluate")  # a running worker (pipeline/worker/) runs the stage and this exits; else it runs here
 
 import dataclasses
 import time
@@ -25,16 +25,19 @@ import pandas as pd
 
 from grpo.errors import InputError
 from grpo.config import load_params
-from grpo.models import checkpoint_info
-from grpo.contracts import PROMPTS, atomic_write, read_table
+from grpo.models.cache import CheckpointCache
+from grpo.models.loading import checkpoint_info
+from grpo.contracts import PROMPTS, read_table
+from grpo.models.atomic import atomic_write, write_json
 from grpo.backends import SamplingSpec, backend_options, make_backend, select_backend
-from grpo.reasoning_gym_tasks import extract_answer
-from grpo.rewards import RewardSettings, Sample
-from grpo.scoring import ground_truth_kind, reward_settings, score_completions
-from pipeline.stage import iteration_parser, run, stage, write_json
+from grpo.environments.reasoning_gym_tasks import extract_answer
+from grpo.environments.rewards import RewardSettings, Sample
+from grpo.environments.scoring import ground_truth_kind, reward_settings, score_completions
+from pipeline.stage import iteration_parser, run, stage
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, *, cache: CheckpointCache | None = None) -> None:
+    """`cache`: a long-lived worker's checkpoints in memory (pipeline/worker/); None in a stage process."""
     args = iteration_parser(__doc__, policy="checkpoint to evaluate", prompts="prompts Parquet").parse_args(argv)
     params = load_params(args.params)
     k, e = args.iteration, params.eval
@@ -54,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
             raise InputError(f"{args.prompts}: the held-out ground truths mix kinds {kinds}; expected one")
         name = select_backend(params.rollout.backend)
         options = backend_options(params, name) | ({"prompts_per_batch": e.batch_size} if name == "hf" else {})
-        backend = make_backend(name, args.policy, **options)
+        backend = make_backend(name, args.policy, cache=cache, **options)
         try:
             start = time.perf_counter()
             groups = backend.generate(held_out["prompt"].tolist(), SamplingSpec(1, 0.0, 1.0, e.max_new_tokens),

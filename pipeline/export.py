@@ -16,7 +16,8 @@ import json
 import torch
 
 from grpo.errors import InputError
-from grpo.models import INFO_FILE, checkpoint_info, load_checkpoint, save_atomic
+from grpo.models.atomic import atomic_folder
+from grpo.models.loading import INFO_FILE, checkpoint_info, load_checkpoint, save_model
 from pipeline.stage import run, stage
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -36,8 +37,9 @@ def main(argv: list[str] | None = None) -> None:
         model, tokenizer = load_checkpoint(args.checkpoint, dtype=DTYPES[args.dtype])
         exported = {"exported_from": info["checkpoint_id"], "iteration": info.get("iteration"),
                     "lora_merged": "base" in info}
-        save_atomic(model, tokenizer, args.out,
-                    lambda folder: (folder / "exported_from.json").write_text(json.dumps(exported, indent=2) + "\n"))
+        with atomic_folder(args.out) as folder:
+            save_model(model, tokenizer, folder)
+            (folder / "exported_from.json").write_text(json.dumps(exported, indent=2) + "\n")
         log.update(checkpoint=info["checkpoint_id"], lora_merged=exported["lora_merged"], dtype=args.dtype)
 
 

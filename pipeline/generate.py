@@ -5,10 +5,10 @@
 
 from __future__ import annotations
 
-from pipeline.worker import delegate
+from pipeline.worker.client import delegate
 
 if __name__ == "__main__":
-    delegate("pipeline.generate")  # a running worker (pipeline/worker.py) runs the stage and this exits; else it runs here
+    delegate("pipeline.generate")  # a running worker (pipeline/worker/) runs the stage and this exits; else it runs here
 
 import time
 
@@ -17,15 +17,18 @@ import pyarrow as pa
 
 from grpo.errors import InputError
 from grpo.config import load_params
-from grpo.models import checkpoint_info
+from grpo.models.cache import CheckpointCache
+from grpo.models.loading import checkpoint_info
 from grpo.contracts import PROMPTS, ROLLOUTS, read_table, write_table
 from grpo.backends import SamplingSpec, backend_options, make_backend, select_backend
-from grpo.generation import iteration_batch, request_seed
-from grpo.metrics import completion_metrics
-from pipeline.stage import iteration_parser, run, stage, write_json
+from grpo.backends.batches import iteration_batch, request_seed
+from grpo.algorithm.metrics import completion_metrics
+from grpo.models.atomic import write_json
+from pipeline.stage import iteration_parser, run, stage
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, *, cache: CheckpointCache | None = None) -> None:
+    """`cache`: a long-lived worker's checkpoints in memory (pipeline/worker/); None in a stage process."""
     args = iteration_parser(__doc__, policy="checkpoint directory of iteration k-1",
                             prompts="prompts Parquet").parse_args(argv)
     params = load_params(args.params)
@@ -40,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
         checkpoint_id = checkpoint_info(args.policy)["checkpoint_id"]
         name = select_backend(r.backend)
         loading = time.perf_counter()
-        backend = make_backend(name, args.policy, **backend_options(params, name))
+        backend = make_backend(name, args.policy, cache=cache, **backend_options(params, name))
         load_seconds = time.perf_counter() - loading
         try:
             start = time.perf_counter()

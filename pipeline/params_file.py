@@ -4,7 +4,7 @@
     extend_iterations("params.yaml", 2)                                       -> the new number of iterations
 
 An edit is a ruamel.yaml round trip (comments, key order, quoting and flow style stay as written), checked by
-grpo.config.params_from_dict before anything is written, then written with grpo.contracts.atomic_write: a bad
+grpo.config.params_from_dict before anything is written, then written with grpo.models.atomic.atomic_write: a bad
 value raises grpo.errors.ConfigError (one line: the file, the key, the value, what is allowed) and leaves the
 file as it was. train.iterations is written as one line, {"1": 0, "2": 1, ...}, keys quoted (DVC's foreach
 skips non-string keys). pipeline.extend and the Prefect flows (flows/grpo_flow.py) edit through this module.
@@ -21,7 +21,7 @@ from typing import Any, Mapping
 import yaml
 
 from grpo.config import load_params, params_from_dict
-from grpo.contracts import atomic_write
+from grpo.models.atomic import atomic_write
 from grpo.errors import ConfigError
 from grpo.variants import check_variant_names
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 
 from grpo.config import load_params
-from grpo.checkpoint import save_checkpoint
-from grpo.models import load_source
+from grpo.models.checkpoints import save_checkpoint
+from grpo.models.loading import load_source
 from pipeline.stage import run, stage
 
 

@@ -4,7 +4,7 @@ chat template.
     python -m pipeline.prepare_prompts --params params.yaml --model data/checkpoints/0 --out data/prompts.parquet \
         --skipped data/prompts.skipped.jsonl
 
-The rows are validated (grpo.prompts.read_prompt_file: a bad row stops the stage with an error naming its
+The rows are validated (grpo.environments.prompts.read_prompt_file: a bad row stops the stage with an error naming its
 file, line or row and column), duplicate questions are dropped, and prompts too long for the model's context
 (the prompt's tokens + max(rollout.max_new_tokens, eval.max_new_tokens) > max_position_embeddings, or
 rollout.vllm.max_model_len when vLLM may run) are skipped before the train/eval split and listed in --skipped
@@ -22,14 +22,15 @@ import pyarrow as pa
 from transformers import AutoTokenizer
 
 from grpo.config import load_params
-from grpo.contracts import PROMPTS, atomic_write, write_table
-from grpo.prompts import build_prompt_rows, model_context, prompt_id
+from grpo.contracts import PROMPTS, write_table
+from grpo.models.atomic import write_text
+from grpo.environments.prompts import build_prompt_rows, model_context, prompt_id
 from pipeline.stage import run, stage
 
 
 def write_skipped(path: str | Path, skipped: list[dict]) -> Path:
     text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in skipped)
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return write_text(path, text)
 
 
 def main(argv: list[str] | None = None) -> None:

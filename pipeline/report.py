@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from grpo.errors import InputError
-from grpo.contracts import atomic_write
+from grpo.models.atomic import atomic_write
 from pipeline.stage import run, stage
 
 TASK_REWARDS = ["rewards/correctness/mean", "rewards/code_tests/mean", "rewards/reasoning_gym/mean"]

@@ -8,10 +8,10 @@ sandbox that cannot run (reward.sandbox bwrap without a working bwrap) stops the
 
 from __future__ import annotations
 
-from pipeline.worker import delegate
+from pipeline.worker.client import delegate
 
 if __name__ == "__main__":
-    delegate("pipeline.score")  # a running worker (pipeline/worker.py) runs the stage and this exits; else it runs here
+    delegate("pipeline.score")  # a running worker (pipeline/worker/) runs the stage and this exits; else it runs here
 
 import time
 
@@ -19,9 +19,10 @@ import pyarrow as pa
 
 from grpo.config import load_params
 from grpo.contracts import ROLLOUTS, SCORED, read_table, write_table
-from grpo.metrics import reward_metrics
-from grpo.scoring import check_reward_requirements, reward_settings, samples_from_table, score_completions
-from pipeline.stage import iteration_parser, run, stage, write_json
+from grpo.algorithm.metrics import reward_metrics
+from grpo.environments.scoring import check_reward_requirements, reward_settings, samples_from_table, score_completions
+from grpo.models.atomic import write_json
+from pipeline.stage import iteration_parser, run, stage
 
 
 def main(argv: list[str] | None = None) -> None:

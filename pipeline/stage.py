@@ -84,19 +84,3 @@ def iteration_parser(doc: str | None, **inputs: str):
     parser.add_argument("--out", required=True)
     parser.add_argument("--metrics", required=True, help="metrics JSON of this stage")
     return parser
-
-
-def write_json(path: str | Path, data: dict) -> Path:
-    """Metrics/state JSON, written atomically (a killed stage leaves no half-written file)."""
-    import json
-
-    from grpo.contracts import atomic_write
-
-    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-
-def read_json(path: str | Path) -> dict:
-    import json
-
-    return json.loads(Path(path).read_text())

@@ -13,10 +13,10 @@ runs as the rank torchrun gave it.
 
 from __future__ import annotations
 
-from pipeline.worker import delegate
+from pipeline.worker.client import delegate
 
 if __name__ == "__main__":
-    delegate("pipeline.update")  # a running worker (pipeline/worker.py) runs the stage and this exits; else it runs here
+    delegate("pipeline.update")  # a running worker (pipeline/worker/) runs the stage and this exits; else it runs here
 
 import sys
 import time
@@ -28,17 +28,20 @@ from tqdm.auto import tqdm
 
 from grpo.config import load_params
 from grpo.contracts import ADVANTAGES, read_table
-from grpo.checkpoint import load_optimizer_state, load_trainer_state, save_checkpoint
+from grpo.models.checkpoints import load_optimizer_state, load_trainer_state, save_checkpoint
 from grpo.distributed import World, barrier, relaunch, shard_model, start, stop, under_torchrun
 from grpo.errors import USER_ERROR_EXIT, ConfigError, InputError, UserError
-from grpo.lora import (ReferenceView, add_adapter, base_dir, describe_base, is_adapter_dir, load_adapter, relative_base,
+from grpo.models.lora import (ReferenceView, add_adapter, base_dir, describe_base, is_adapter_dir, load_adapter, relative_base,
                        trainable_parameters)
-from grpo.models import checkpoint_info, load_checkpoint, resolve_device, use_fast_attention
-from grpo.trainer import Rollouts, UpdateConfig, grpo_update
-from pipeline.stage import iteration_parser, run, stage, write_json
+from grpo.models.cache import CheckpointCache
+from grpo.models.loading import checkpoint_info, load_checkpoint, resolve_device, use_fast_attention
+from grpo.algorithm.trainer import Rollouts, UpdateConfig, grpo_update
+from grpo.models.atomic import write_json
+from pipeline.stage import iteration_parser, run, stage
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, *, cache: CheckpointCache | None = None) -> None:
+    """`cache`: a long-lived worker's checkpoints in memory (pipeline/worker/); None in a stage process."""
     args = iteration_parser(__doc__, policy="checkpoint k-1", reference="frozen reference model (the base)",
                             advantages="advantages Parquet of iteration k").parse_args(argv)
     params = load_params(args.params)
@@ -51,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(relaunch("pipeline.update", sys.argv[1:] if argv is None else argv, nproc))
     world = start(params.train.device)
     try:
-        update(args, params, world)
+        update(args, params, world, cache)
     except UserError as e:
         if world.size == 1:
             raise  # run() prints the error line
@@ -65,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         stop(world)
 
 
-def load_policy(args, params):
+def load_policy(args, params, cache: CheckpointCache | None):
     """(policy, tokenizer, base folder). Full fine-tuning: checkpoint k-1's weights, all trained. LoRA: the base
     with checkpoint k-1's adapter, or, from the base itself, a new adapter; only the adapter is trained."""
     lora = params.model.lora
@@ -74,22 +77,22 @@ def load_policy(args, params):
         raise ConfigError(f"model.lora is null but {args.policy} is a LoRA adapter checkpoint; set model.lora as "
                           "in the run that wrote it, or start again from data/checkpoints/0")
     if lora is None:
-        policy, tokenizer = load_checkpoint(args.policy, to_train=True)
+        policy, tokenizer = load_checkpoint(args.policy, to_train=True, cache=cache)
         return policy, tokenizer, None
     if adapter:
         base = base_dir(args.policy, checkpoint_info(args.policy))
-        model, tokenizer = load_checkpoint(base)
+        model, tokenizer = load_checkpoint(base, cache=cache)
         return load_adapter(model, args.policy, trainable=True), tokenizer, base
-    base, tokenizer = load_checkpoint(args.policy)
+    base, tokenizer = load_checkpoint(args.policy, cache=cache)
     return add_adapter(base, lora), tokenizer, Path(args.policy).resolve()
 
 
-def load_models(args, params, world: World):
+def load_models(args, params, world: World, cache: CheckpointCache | None):
     """The policy (float32 weights, trained) and the frozen reference (no gradients; bf16 when optim.bf16,
     else float32), each on this rank's device, sharded over the ranks when there are several. With LoRA the
     reference is the policy with its adapter switched off: the base, not loaded twice."""
     o = params.optim
-    policy, tokenizer, base = load_policy(args, params)
+    policy, tokenizer, base = load_policy(args, params, cache)
     if o.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     use_fast_attention(policy, world.device)
@@ -101,13 +104,13 @@ def load_models(args, params, world: World):
                              "with LoRA the KL reference is the base model (the adapter switched off)")
         reference = ReferenceView(policy)
     elif params.loss.beta != 0.0:
-        reference, _ = load_checkpoint(args.reference, dtype=torch.bfloat16 if o.bf16 else torch.float32)
+        reference, _ = load_checkpoint(args.reference, dtype=torch.bfloat16 if o.bf16 else torch.float32, cache=cache)
         use_fast_attention(reference, world.device)
         reference = shard_model(reference.eval().requires_grad_(False), world)
     return policy, reference, tokenizer, base
 
 
-def update(args, params, world: World) -> None:
+def update(args, params, world: World, cache: CheckpointCache | None) -> None:
     k, o, lcfg = args.iteration, params.optim, params.loss
     torch.manual_seed(params.train.seed * 1_000_003 + k)
     logged = stage(f"update@{k}", reads=[args.policy, args.advantages], writes=[args.out, args.metrics])
@@ -115,26 +118,20 @@ def update(args, params, world: World) -> None:
         began = time.perf_counter()
         table = read_table(args.advantages, ADVANTAGES).to_pandas()
         table = table[table["kept"]].reset_index(drop=True)
-        policy, reference, tokenizer, base = load_models(args, params, world)
+        policy, reference, tokenizer, base = load_models(args, params, world, cache)
         # only what trains has AdamW moments: every weight, or (LoRA) the adapter's A and B
         # fused: one kernel over all parameters (CPU and CUDA; FSDP2's DTensors too), ~5x faster a step on this CPU
         optimizer = torch.optim.AdamW(trainable_parameters(policy), lr=o.learning_rate, weight_decay=o.weight_decay,
                                       fused=True)
         # AdamW moments and the step count carry over between iterations; params.yaml's values win
-        load_optimizer_state(optimizer, policy, args.policy, lr=o.learning_rate, weight_decay=o.weight_decay)
+        load_optimizer_state(optimizer, policy, args.policy, cache=cache, lr=o.learning_rate,
+                             weight_decay=o.weight_decay)
         global_step = load_trainer_state(args.policy)["global_step"]
         load_seconds = time.perf_counter() - began  # the rollouts, the models and the AdamW state
 
-        cfg = UpdateConfig(
-            epochs=o.epochs, minibatch_size=o.minibatch_size, micro_batch_size=o.micro_batch_size,
-            max_grad_norm=o.max_grad_norm, temperature=params.rollout.temperature, autocast=o.bf16,
-            seed=params.train.seed * 1_000_003 + k, pad_id=tokenizer.pad_token_id,
-            tis_cap=lcfg.tis_cap if lcfg.tis else None,
-            learning_rate=o.learning_rate, warmup_steps=o.warmup_steps, start_step=global_step, shuffle=o.shuffle,
-            loss_kwargs=dict(beta=lcfg.beta, clip_low=lcfg.clip_low, clip_high=lcfg.clip_high,
-                             kl_estimator=lcfg.kl_estimator, aggregation=lcfg.aggregation, importance=lcfg.importance,
-                             max_completion_tokens=params.rollout.max_new_tokens),
-        )
+        cfg = UpdateConfig(optim=o, loss=lcfg, temperature=params.rollout.temperature,
+                           max_completion_tokens=params.rollout.max_new_tokens, seed=params.train.seed * 1_000_003 + k,
+                           pad_id=tokenizer.pad_token_id, start_step=global_step)
         metrics = {}
         if len(table):
             rollouts = Rollouts(
@@ -163,7 +160,7 @@ def update(args, params, world: World) -> None:
         saving = time.perf_counter()
         # the last use of the policy and the optimizer: a worker keeps them as checkpoint k, uncopied
         save_checkpoint(args.out, policy, tokenizer, info, optimizer=optimizer, trainer_state=trainer_state, world=world,
-                        hand_over=True)
+                        cache=cache, hand_over=True)
         if not world.is_main:
             return
         metrics["time/update_save_seconds"] = time.perf_counter() - saving

@@ -1,6 +1,6 @@
 """Throughput of the code_tests reward on this machine: HumanEval's 164 canonical solutions (each passes) and
 as many wrong ones (each fails its first test), scored through the reward registry in the sandbox, the
-programs run in parallel up to the machine's cores (grpo.scoring.score_completions).
+programs run in parallel up to the machine's cores (grpo.environments.scoring.score_completions).
 
     python scripts/bench_code_tests.py                 # --sandbox none: without bwrap (UNSAFE, for comparison)
 """
@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from grpo.code_tasks import humaneval_ground_truth, humaneval_tasks  # noqa: E402
-from grpo.rewards import RewardSettings, Sample  # noqa: E402
-from grpo.scoring import score_completions  # noqa: E402
+from grpo.environments.code_tasks import humaneval_ground_truth, humaneval_tasks  # noqa: E402
+from grpo.environments.rewards import RewardSettings, Sample  # noqa: E402
+from grpo.environments.scoring import score_completions  # noqa: E402
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ built with grpo.backends.make_backend, exactly as the generate stage builds it. 
 
 and tokens/s excluding the start (tokens / generate) and including it (tokens / (start + generate)), then the
 ratios vLLM / HF of both. vLLM's close() time (engine shutdown) is printed too but is not in either figure.
-Prompts are synthetic arithmetic problems (grpo.prompts.synthetic_rows) rendered with the model's chat template.
+Prompts are synthetic arithmetic problems (grpo.environments.prompts.synthetic_rows) rendered with the model's chat template.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ sys.path.insert(0, str(ROOT))
 def make_prompts(model: str, n: int, seed: int) -> tuple[list[str], list[int]]:
     from transformers import AutoTokenizer
 
-    from grpo.generation import request_seed
-    from grpo.prompts import prompt_id, render_prompt, synthetic_rows
+    from grpo.backends.batches import request_seed
+    from grpo.environments.prompts import prompt_id, render_prompt, synthetic_rows
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     rows = synthetic_rows(seed, num_train=n, num_eval=0, min_operand=1, max_operand=20, num_operands=3,

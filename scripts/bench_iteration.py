@@ -169,8 +169,8 @@ def trl_worker(workspace: Path, iterations: int, out: Path, result_file: Path) -
     from trl import GRPOConfig, GRPOTrainer
 
     from grpo.config import load_params
-    from grpo.rewards import Sample
-    from grpo.scoring import reward_settings, score_completions
+    from grpo.environments.rewards import Sample
+    from grpo.environments.scoring import reward_settings, score_completions
 
     params = load_params(workspace / "params.yaml")
     r, o, loss = params.rollout, params.optim, params.loss

@@ -20,7 +20,7 @@ import time
 import torch
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
-from grpo.logprobs import token_logprobs  # noqa: E402
+from grpo.algorithm.logprobs import token_logprobs  # noqa: E402
 
 
 def naive(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

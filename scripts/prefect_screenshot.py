@@ -26,8 +26,8 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.conftest import make_tiny_model  # noqa: E402
-from tests.project import env, free_port, make_project, small_params, stop_process_group  # noqa: E402
+from scripts.throwaway_project import (env, free_port, make_project, make_tiny_model, small_params,  # noqa: E402
+                                       stop_process_group)
 
 
 def find_chromium() -> str:

@@ -3,25 +3,75 @@
     python scripts/sync_stage_deps.py        # after adding or removing an import in grpo/, pipeline/, flows/
 
 tests/test_stage_deps.py requires each stage's code deps to be exactly that closure (so editing a module re-runs
-exactly the stages that run it); this writes them from the same functions. Non-code deps keep their order, after
+exactly the stages that run it), with the functions defined here. Non-code deps keep their order, after
 the code; data/inputs.ok stays first. Comments and layout elsewhere in dvc.yaml are kept (ruamel.yaml).
 """
 
 from __future__ import annotations
 
-import sys
+import ast
+import re
 from pathlib import Path
 
-from ruamel.yaml import YAML
-
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-from test_stage_deps import PACKAGES, code_closure, stage_module  # noqa: E402
+PACKAGES = ("grpo", "pipeline", "flows")
+
+
+def module_file(module: str) -> Path | None:
+    base = ROOT / Path(*module.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Project modules named by any import statement in the file (module level or inside functions)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            # `from grpo.x import y`: y may itself be a module
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        found |= {n for n in names if n.split(".")[0] in PACKAGES and module_file(n)}
+    return found
+
+
+def code_closure(module: str) -> set[str]:
+    """Repository-relative files of `module` and of every project module it may import, transitively."""
+    files: set[str] = set()
+    todo = [module]
+    seen: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        parts = name.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # importing a.b runs a/__init__.py
+        path = module_file(name)
+        files.add(path.relative_to(ROOT).as_posix())
+        todo += sorted(imported_modules(path))
+    return files
+
+
+def stage_module(spec: dict) -> str:
+    match = re.search(r"python3? -m (pipeline\.\w+)", spec["cmd"])
+    if not match:
+        raise ValueError(f"stage command does not run a pipeline module: {spec['cmd']}")
+    return match.group(1)
+
+
 
 FIRST = ["data/inputs.ok"]  # the input check runs before any stage that reads the inputs
 
 
 def main() -> None:
+    from ruamel.yaml import YAML
+
     yaml = YAML()
     yaml.width = 200
     yaml.preserve_quotes = True

@@ -1,107 +1,27 @@
-"""Make a throwaway copy of the project (its own git + DVC repo) with small parameters, and run DVC in it."""
+"""Test helpers: the throwaway project copies and the tiny model (scripts/throwaway_project.py, which the
+screenshot script uses too), and the trainer's settings from params.yaml."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
-import yaml
-
-ROOT = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ["dvc.yaml", "params.yaml", "grpo", "pipeline", "flows", ".dvcignore", "data/raw"]
+from scripts.throwaway_project import (ROOT, dvc, env, free_port, kill_while_running, make_project,  # noqa: F401
+                                       make_tiny_model, small_params, stop_process_group)
 
 
-def small_params(model_dir: Path, iterations: int = 2, **sections) -> dict:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["model"]["source"] = str(model_dir)
-    params["prompts"].update(num_train=16, num_eval=6)
-    params["rollout"].update(group_size=4, prompts_per_iteration=3, max_new_tokens=6)
-    params["optim"].update(minibatch_size=6, micro_batch_size=3, learning_rate=1e-3, warmup_steps=0)
-    params["eval"].update(max_new_tokens=6, batch_size=6, every=1)
-    params["train"]["iterations"] = {str(k): k - 1 for k in range(1, iterations + 1)}
-    for section, values in sections.items():
-        params[section].update(values)
-    return params
+def update_config(*, temperature: float = 1.0, max_completion_tokens: int = 8, seed: int = 0, pad_id: int = 0,
+                  start_step: int = 0, **changes):
+    """The trainer's UpdateConfig from the project's params.yaml, with `changes` to fields of its optim and loss
+    sections named as there (minibatch_size=4, bf16=False, beta=0.0, ...)."""
+    import dataclasses
 
+    from grpo.algorithm.trainer import UpdateConfig
+    from grpo.config import load_params
 
-def make_project(dest: Path, params: dict) -> Path:
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in PROJECT_FILES:
-        src = ROOT / name
-        (dest / name).parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-        elif src.exists():
-            shutil.copy2(src, dest / name)
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"]):
-        subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
-    shutil.copy2(ROOT / ".dvc/config", dest / ".dvc/config")  # the project's cache settings (linked outputs)
-    return dest
-
-
-def env() -> dict:
-    e = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", DVC_NO_ANALYTICS="1")
-    e["PYTHONPATH"] = ""  # stages import the copy's grpo/pipeline (cwd), not the checkout's
-    e["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{e.get('PATH', '')}"
-    return e
-
-
-def dvc(project: Path, *args: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
-    result = subprocess.run(["dvc", *args], cwd=project, env=env(), capture_output=True, text=True, timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError(f"dvc {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-    return result
-
-
-def free_port() -> int:
-    """A free TCP port on the loopback interface."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop_process_group(proc: subprocess.Popen) -> None:
-    """SIGTERM a process started with start_new_session=True and its children; SIGKILL after 30 s."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-def kill_while_running(proc: subprocess.Popen, module: str, iteration: int, *, delay: float = 1.0,
-                       timeout: float = 600) -> None:
-    """SIGKILL the process group of `proc` (a `dvc repro` started with start_new_session=True) `delay` seconds
-    after the stage command `python -m <module> --iteration <iteration>` has started under it: the kill hits a
-    stage at work. (A kill while DVC itself writes .dvc/tmp/rwlock leaves that file empty and the next
-    `dvc repro` refuses to start, a DVC bug, treeverse/dvc#7615; README, "Resume".)"""
-    import time
-
-    import psutil
-
-    def runs_it(cmd: list[str]) -> bool:
-        pairs = set(zip(cmd, cmd[1:]))
-        return ("-m", module) in pairs and ("--iteration", str(iteration)) in pairs
-
-    deadline = time.time() + timeout
-    while True:
-        assert time.time() < deadline and proc.poll() is None, f"the run never started {module} @{iteration}"
-        for child in psutil.Process(proc.pid).children(recursive=True):
-            try:
-                cmd = child.cmdline()
-            except psutil.Error:
-                continue
-            if runs_it(cmd):
-                time.sleep(delay)
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-                return
-        time.sleep(0.1)
+    params = load_params(ROOT / "params.yaml")
+    sections = {"optim": params.optim, "loss": params.loss}
+    for name, section in sections.items():
+        names = {f.name for f in dataclasses.fields(section)}
+        sections[name] = dataclasses.replace(section, **{k: v for k, v in changes.items() if k in names})
+    unknown = set(changes) - {f.name for s in sections.values() for f in dataclasses.fields(s)}
+    assert not unknown, f"not an optim or loss setting: {sorted(unknown)}"
+    return UpdateConfig(optim=sections["optim"], loss=sections["loss"], temperature=temperature,
+                        max_completion_tokens=max_completion_tokens, seed=seed, pad_id=pad_id, start_step=start_step)

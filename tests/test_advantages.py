@@ -96,5 +96,6 @@ def test_group_scale_is_invariant_to_scaling_a_groups_rewards(groups, factor, wh
     which %= len(groups)
     scaled = rewards * torch.tensor([factor if g == which else 1.0 for g in ids], dtype=F64)
     # eps = 0: the +eps in the denominator is the only thing that is not scale-free
-    torch.testing.assert_close(group_advantages(scaled, ids, eps=0.0), group_advantages(rewards, ids, eps=0.0),
+    torch.testing.assert_close(group_advantages(scaled, ids, scale="group", eps=0.0),
+                               group_advantages(rewards, ids, scale="group", eps=0.0),
                                rtol=1e-6, atol=1e-6)

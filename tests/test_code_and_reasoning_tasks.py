@@ -15,20 +15,20 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from grpo import sandbox
-from grpo.code_tasks import humaneval_ground_truth, humaneval_tasks
+from grpo.environments import sandbox
+from grpo.environments.code_tasks import humaneval_ground_truth, humaneval_tasks
 from grpo.config import ConfigError, params_from_dict
 from grpo.contracts import PROMPTS, ROLLOUTS, SCORED, read_table, validate, write_table
 from grpo.errors import InputError
-from grpo.prompt_files import read_prompt_file
-from grpo.prompts import build_prompt_rows, prompt_id
-from grpo.reasoning_gym_tasks import extract_answer
-from grpo.rewards import RewardSettings, Sample
-from grpo.scoring import score_completions
+from grpo.environments.prompt_files import read_prompt_file
+from grpo.environments.prompts import build_prompt_rows, prompt_id
+from grpo.environments.reasoning_gym_tasks import extract_answer
+from grpo.environments.rewards import RewardSettings, Sample
+from grpo.environments.scoring import score_completions
 from tests.project import ROOT, dvc, make_project, small_params
 
 needs_sandbox = pytest.mark.skipif(not sandbox.sandbox_available(),
-                                   reason="bwrap cannot run here (see grpo.sandbox.check_sandbox)")
+                                   reason="bwrap cannot run here (see grpo.environments.sandbox.check_sandbox)")
 CODE = RewardSettings(True, 48, 16, code_all_or_nothing=True, code_timeout_s=2.0, code_memory_mb=256)
 
 
@@ -178,7 +178,7 @@ def test_extract_answer(text, answer):
 
 
 def test_reasoning_gym_reward_uses_the_generators_verifier():
-    from grpo.reasoning_gym_tasks import reasoning_gym_rows
+    from grpo.environments.reasoning_gym_tasks import reasoning_gym_rows
 
     rows = reasoning_gym_rows({"chain_sum": 1.0}, {}, 3, 5)
     truths = [row["ground_truth"] for row in rows]

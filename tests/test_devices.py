@@ -6,12 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from grpo.advantages import group_advantages
+from grpo.algorithm.advantages import group_advantages
 from grpo.backends import SamplingSpec
 from grpo.backends.hf import HFBackend
 from grpo.errors import InputError
-from grpo.models import load_checkpoint, resolve_device
-from grpo.trainer import Rollouts, UpdateConfig, grpo_update
+from grpo.models.loading import load_checkpoint, resolve_device
+from grpo.algorithm.trainer import Rollouts, grpo_update
+from tests.project import update_config
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 PROMPTS = ["What is 2 + 3?", "Name a colour.", "Say hello.", "Count to three, please."]
@@ -105,9 +106,8 @@ def _tiny_update(model_dir, device: str):
                    for _ in range(8)]
     rollouts = Rollouts(prompts, completions, torch.randn(8, generator=g, dtype=torch.float64),
                         [[-1.0] * len(c) for c in completions])
-    cfg = UpdateConfig(epochs=1, minibatch_size=4, micro_batch_size=2, max_grad_norm=1.0, temperature=1.0,
-                       autocast=True, seed=0, pad_id=0, learning_rate=1e-3,
-                       loss_kwargs=dict(beta=0.04, clip_low=0.2, aggregation="token_mean", max_completion_tokens=8))
+    cfg = update_config(epochs=1, minibatch_size=4, micro_batch_size=2, max_grad_norm=1.0, bf16=True,
+                        learning_rate=1e-3, warmup_steps=0, beta=0.04, clip_low=0.2, aggregation="token_mean")
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
     metrics = grpo_update(policy, reference, optimizer, rollouts, cfg, device=device).metrics
     return metrics, policy

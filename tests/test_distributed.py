@@ -44,18 +44,18 @@ N, MINIBATCH, MICRO, SEED = 21, 8, 2, 3  # minibatches of 8, 8, 5: the last give
 
 
 def _cfg(aggregation: str):
-    from grpo.trainer import UpdateConfig
+    from tests.project import update_config
 
-    return UpdateConfig(epochs=1, minibatch_size=MINIBATCH, micro_batch_size=MICRO, max_grad_norm=1.0,
-                        temperature=0.9, autocast=False, seed=SEED, pad_id=0, tis_cap=2.0, learning_rate=1e-3,
-                        loss_kwargs=dict(beta=0.04, clip_low=0.2, clip_high=0.28, aggregation=aggregation,
-                                         max_completion_tokens=16))
+    return update_config(epochs=1, minibatch_size=MINIBATCH, micro_batch_size=MICRO, max_grad_norm=1.0,
+                         temperature=0.9, bf16=False, seed=SEED, tis=True, tis_cap=2.0, learning_rate=1e-3,
+                         warmup_steps=0, beta=0.04, clip_low=0.2, clip_high=0.28, aggregation=aggregation,
+                         max_completion_tokens=16)
 
 
 def _rollouts(world: int = 2):
     """N completions whose lengths follow the update's shuffle: every completion rank 0 trains on has 10-16
     tokens, every one rank 1 trains on 1-3, so the ranks' token counts differ in every minibatch."""
-    from grpo.trainer import Rollouts
+    from grpo.algorithm.trainer import Rollouts
 
     order = list(range(N))
     random.Random(SEED).shuffle(order)  # the shuffle grpo_update draws (epoch 1)
@@ -89,9 +89,10 @@ def _worker(rank: int, world_size: int, port: int, job: dict) -> None:
     if world_size > 1:  # what torchrun sets
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                           WORLD_SIZE=str(world_size))
-    from grpo import distributed, trainer
-    from grpo.checkpoint import load_optimizer_state, save_checkpoint
-    from grpo.models import load_checkpoint
+    from grpo import distributed
+    from grpo.algorithm import trainer
+    from grpo.models.checkpoints import load_optimizer_state, save_checkpoint
+    from grpo.models.loading import load_checkpoint
 
     world = distributed.start("cpu")
     if job.get("local_counts"):
@@ -161,7 +162,7 @@ def runs(tmp_path_factory, tiny_model_dir) -> dict:
 
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)
 def test_two_ranks_give_the_one_process_update(runs, aggregation, tiny_model_dir):
-    from grpo.models import load_checkpoint
+    from grpo.models.loading import load_checkpoint
 
     one, two = runs[1, aggregation], runs[2, aggregation]
     assert one["metrics"]["optimizer_steps"] == two["metrics"]["optimizer_steps"] == 3
@@ -207,20 +208,22 @@ def eos_prone_model_dir(tmp_path_factory, tiny_model_dir):
     context), so sampled completions end at different lengths: the overlong reward then differs within a
     group and the update has a signal (with every advantage 0 it would only move weights by rounding noise,
     which Adam scales up to ~lr)."""
-    from grpo.models import load_checkpoint, save_atomic
+    from grpo.models.loading import load_checkpoint, save_model
 
     model, tokenizer = load_checkpoint(tiny_model_dir)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         model.model.embed_tokens.weight[tokenizer.eos_token_id] = 12.0 * torch.randn(64, generator=g) / 8
-    return save_atomic(model, tokenizer, tmp_path_factory.mktemp("eos") / "model")
+    out_dir = tmp_path_factory.mktemp("eos") / "model"
+    save_model(model, tokenizer, out_dir)
+    return out_dir
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_dvc_update_with_two_processes_writes_the_one_process_checkpoint(tmp_path, eos_prone_model_dir, lora):
     import pandas as pd
 
-    from grpo.checkpoint import read_optimizer_state
+    from grpo.models.checkpoints import read_optimizer_state
 
     checkpoints = {}
     for nproc in (1, 2):

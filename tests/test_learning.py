@@ -7,15 +7,16 @@ import pandas as pd
 import pytest
 import torch
 
-from grpo.advantages import group_advantages
+from grpo.algorithm.advantages import group_advantages
 from grpo.backends import SamplingSpec
 from grpo.backends.hf import HFBackend
-from grpo.generation import request_seed
-from grpo.metrics import reward_metrics
-from grpo.models import load_checkpoint
-from grpo.rewards import REWARD_FUNCTIONS, RewardSettings, Sample
-from grpo.scoring import score_completions
-from grpo.trainer import Rollouts, UpdateConfig, grpo_update
+from grpo.backends.batches import request_seed
+from grpo.algorithm.metrics import reward_metrics
+from grpo.models.loading import load_checkpoint
+from grpo.environments.rewards import REWARD_FUNCTIONS, RewardSettings, Sample
+from grpo.environments.scoring import score_completions
+from grpo.algorithm.trainer import Rollouts, grpo_update
+from tests.project import update_config
 
 pytestmark = pytest.mark.slow
 
@@ -42,9 +43,9 @@ def test_grpo_loop_raises_a_learnable_reward(peaked_tiny_model_dir):
     optimizer = torch.optim.AdamW(policy.parameters(), lr=3e-3)
     prompts = [f"Question {i}: say something." for i in range(8)]
     sampling = SamplingSpec(n=8, temperature=1.0, top_p=1.0, max_new_tokens=3)
-    cfg = UpdateConfig(epochs=1, minibatch_size=32, micro_batch_size=16, max_grad_norm=1.0, temperature=1.0,
-                       autocast=False, seed=0, learning_rate=3e-3, pad_id=tokenizer.pad_token_id,
-                       loss_kwargs=dict(beta=0.0, clip_low=0.2, aggregation="seq_mean_token_mean"))
+    cfg = update_config(epochs=1, minibatch_size=32, micro_batch_size=16, max_grad_norm=1.0, bf16=False,
+                        learning_rate=3e-3, warmup_steps=0, pad_id=tokenizer.pad_token_id, beta=0.0, clip_low=0.2,
+                        aggregation="seq_mean_token_mean")
     rewards_per_iteration = []
     for k in range(1, 9):
         policy.eval()
@@ -54,7 +55,7 @@ def test_grpo_loop_raises_a_learnable_reward(peaked_tiny_model_dir):
         scores = score_completions(samples, {"toy_vowel": 1.0}, RewardSettings(True, 3, 1))
         rewards = torch.tensor(scores["reward"], dtype=torch.float64)
         rewards_per_iteration.append(float(rewards.mean()))
-        adv = group_advantages(rewards, [i for i, _ in flat])
+        adv = group_advantages(rewards, [i for i, _ in flat], scale="group")
         policy.train()
         rollouts = Rollouts([groups[i].prompt_token_ids for i, _ in flat], [c.token_ids for _, c in flat], adv,
                             [c.logprobs for _, c in flat])

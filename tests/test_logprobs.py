@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from grpo import token_entropy, token_logprobs
-from grpo.logprobs import naive_token_logprobs
+from grpo.algorithm.logprobs import naive_token_logprobs
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])

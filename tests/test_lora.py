@@ -17,9 +17,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from grpo.checkpoint import read_optimizer_state
-from grpo.lora import ReferenceView, add_adapter
-from grpo.models import load_checkpoint
+from grpo.models.checkpoints import read_optimizer_state
+from grpo.models.lora import ReferenceView, add_adapter
+from grpo.models.loading import load_checkpoint
 from tests.project import dvc, env, kill_while_running, make_project, small_params
 
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from grpo import group_advantages, kl_divergence, policy_loss
-from grpo.kl import K3_MAX
+from grpo.algorithm.kl import K3_MAX
 
 F64 = torch.float64
 
@@ -162,7 +162,7 @@ def test_one_epoch_loss_equals_beta_kl_but_policy_gradient_is_nonzero():
     groups, group_size, t = 4, 4, 7
     b = groups * group_size
     rewards = torch.rand(b, generator=g, dtype=F64)
-    adv = group_advantages(rewards, [i // group_size for i in range(b)])
+    adv = group_advantages(rewards, [i // group_size for i in range(b)], scale="group")
     lengths = torch.randint(1, t + 1, (b,), generator=g)
     mask = (torch.arange(t)[None, :] < lengths[:, None]).to(F64)
     logp = (-torch.rand(b, t, generator=g, dtype=F64) * 3).requires_grad_(True)

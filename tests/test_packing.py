@@ -1,4 +1,4 @@
-"""grpo.packing: shared-prefix packing gives the log-probs and the gradients of the repeated-prompt computation
+"""grpo.algorithm.packing: shared-prefix packing gives the log-probs and the gradients of the repeated-prompt computation
 (float64, a tiny Llama with large weights so that a wrong mask or position shows), with sdpa and eager attention;
 minibatches of whole groups."""
 
@@ -7,9 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from grpo.models import load_checkpoint
-from grpo.packing import by_prompt, collate, pack
-from grpo.trainer import Rollouts, UpdateConfig, forward_logprobs, grpo_update
+from grpo.models.loading import load_checkpoint
+from grpo.algorithm.packing import by_prompt, collate, pack
+from grpo.algorithm.trainer import Rollouts, forward_logprobs, grpo_update
+from tests.project import update_config
 
 F64 = torch.float64
 
@@ -104,9 +105,8 @@ def test_group_shuffle_gives_minibatches_of_whole_groups(model64):
             return self.inner(**kwargs)
 
     policy = Recording(model64)
-    cfg = UpdateConfig(epochs=1, minibatch_size=6, micro_batch_size=6, max_grad_norm=1e9, temperature=1.0,
-                       autocast=False, seed=0, loss_kwargs=dict(beta=0.0, clip_low=0.2, max_completion_tokens=8),
-                       shuffle="groups")
+    cfg = update_config(epochs=1, minibatch_size=6, micro_batch_size=6, max_grad_norm=1e9, bf16=False,
+                        warmup_steps=0, beta=0.0, clip_low=0.2, shuffle="groups")
     optimizer = torch.optim.SGD(policy.parameters(), lr=0.0)
     grpo_update(policy, None, optimizer, rollouts, cfg)
     # 18 completions of 3 prompts (8, 6, 4 of them): minibatches of 6 hold at most 2 prompts each

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from grpo.checkpoint import read_optimizer_state
+from grpo.models.checkpoints import read_optimizer_state
 from grpo.contracts import ADVANTAGES, PROMPTS, ROLLOUTS, SCORED, read_table
 from tests.project import dvc, env, kill_while_running, make_project, small_params
 

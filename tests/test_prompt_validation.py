@@ -1,4 +1,4 @@
-"""Row-level validation of prompts files (grpo.prompts): every bad row is reported in one InputError that
+"""Row-level validation of prompts files (grpo.environments.prompts): every bad row is reported in one InputError that
 names the file, the line (JSONL) or row (Parquet), the column and what is wrong; duplicates; too-long
 prompts; the check-inputs and prepare-prompts stages on top."""
 
@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from grpo.errors import InputError
-from grpo.prompt_files import MAX_LISTED, file_rows, parse_answer, read_prompt_file, split_rows
-from grpo.prompts import build_prompt_rows, context_limit, model_context, render_prompt, skip_too_long
+from grpo.environments.prompt_files import MAX_LISTED, file_rows, parse_answer, read_prompt_file, split_rows
+from grpo.environments.prompts import build_prompt_rows, context_limit, model_context, render_prompt, skip_too_long
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = [{"question": "What is 1 + 1?", "answer": "2"}, {"question": "What is 2 + 2?", "answer": "4"}]

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from grpo.rewards import REWARD_FUNCTIONS, RewardSettings, Sample, correctness, final_answer, format_reward, overlong_penalty
-from grpo.scoring import score_completions
+from grpo.environments.rewards import REWARD_FUNCTIONS, RewardSettings, Sample, correctness, final_answer, format_reward, overlong_penalty
+from grpo.environments.scoring import score_completions
 from tests.project import ROOT
 
 STRICT = RewardSettings(strict_answer=True, max_completion_tokens=48, overlong_buffer=16)
@@ -76,7 +76,7 @@ def test_scoring_weights_rewards_and_records_errors():
 def test_math_verify_times_out_instead_of_hanging():
     """A ground truth whose evaluation never ends (10^10^10^10) scores 0 after math-verify's timeout; with the
     timeouts off, scoring hangs (the subprocess would hit the 120 s limit)."""
-    code = ("from grpo.rewards import RewardSettings, Sample, correctness\n"
+    code = ("from grpo.environments.rewards import RewardSettings, Sample, correctness\n"
             "print(correctness(Sample('#### 5', '$10^{10^{10^{10}}}$', 3, 'stop'), RewardSettings(True, 48, 16)))")
     start = time.monotonic()
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)

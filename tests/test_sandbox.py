@@ -1,4 +1,4 @@
-"""The code sandbox (grpo.sandbox) and the code_tests reward (grpo.code_tasks).
+"""The code sandbox (grpo.environments.sandbox) and the code_tests reward (grpo.environments.code_tasks).
 
 Each hostile program is run with small limits and must end within them, with a reason, leaving no process
 (no process of uid 65534, no descendant of ours) and no file (nothing of uid 65534 in /tmp, nothing in the
@@ -14,16 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from grpo import sandbox
-from grpo.code_tasks import code_tests_score, extract_program, humaneval_ground_truth, humaneval_tasks, score_many
+from grpo.environments import sandbox
+from grpo.environments.code_tasks import code_tests_score, extract_program, humaneval_ground_truth, humaneval_tasks, score_many
 from grpo.errors import ConfigError
-from grpo.sandbox import SANDBOX_UID, run_many, run_python
+from grpo.environments.sandbox import SANDBOX_UID, run_many, run_python
 from tests.project import ROOT
 
 psutil = pytest.importorskip("psutil")
 
 needs_sandbox = pytest.mark.skipif(not sandbox.sandbox_available(),
-                                   reason="bwrap cannot run here (see grpo.sandbox.check_sandbox)")
+                                   reason="bwrap cannot run here (see grpo.environments.sandbox.check_sandbox)")
 LIMITS = {"timeout_s": 1.0, "memory_mb": 256, "max_output_bytes": 4096, "max_processes": 16, "tmp_mb": 4}
 SLACK_S = 2.0  # a run may take this much longer than its timeout (start-up, the kill)
 

@@ -9,61 +9,14 @@ module checks that closure against what Python really loads.
 
 from __future__ import annotations
 
-import ast
 import json
-import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("grpo", "pipeline", "flows")
-
-
-def module_file(module: str) -> Path | None:
-    base = ROOT / Path(*module.split("."))
-    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-        if candidate.exists():
-            return candidate
-    return None
-
-
-def imported_modules(path: Path) -> set[str]:
-    """Project modules named by any import statement in the file (module level or inside functions)."""
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            # `from grpo.x import y`: y may itself be a module
-            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
-        else:
-            continue
-        found |= {n for n in names if n.split(".")[0] in PACKAGES and module_file(n)}
-    return found
-
-
-def code_closure(module: str) -> set[str]:
-    """Repository-relative files of `module` and of every project module it may import, transitively."""
-    files: set[str] = set()
-    todo = [module]
-    seen: set[str] = set()
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        parts = name.split(".")
-        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # importing a.b runs a/__init__.py
-        path = module_file(name)
-        files.add(path.relative_to(ROOT).as_posix())
-        todo += sorted(imported_modules(path))
-    return files
-
-
+from scripts.sync_stage_deps import PACKAGES, ROOT, code_closure, stage_module
 def loaded_at_import(module: str) -> set[str]:
     """The project files Python loads when it imports `module` (in a fresh interpreter)."""
     code = (f"import json, sys, {module}\n"
@@ -77,12 +30,6 @@ def loaded_at_import(module: str) -> set[str]:
 def dvc_stages() -> dict[str, dict]:
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     return {name: spec.get("do", spec) for name, spec in stages.items()}
-
-
-def stage_module(spec: dict) -> str:
-    match = re.search(r"python3? -m (pipeline\.\w+)", spec["cmd"])
-    assert match, f"stage command does not run a pipeline module: {spec['cmd']}"
-    return match.group(1)
 
 
 def code_deps(spec: dict) -> set[str]:

@@ -1,4 +1,4 @@
-"""grpo.trainer on a tiny model in float64: collation, micro-batch accumulation, the fixed pi_old, the
+"""grpo.algorithm.trainer on a tiny model in float64: collation, micro-batch accumulation, the fixed pi_old, the
 warm-up schedule across iterations, TIS semantics, and stopping on NaN/Inf."""
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import torch
 
 from grpo.contracts import ADVANTAGES, write_table
 from grpo.errors import NonFiniteError
-from grpo.loss import LOSS_AGGREGATIONS, policy_loss
-from grpo.models import load_checkpoint
-from grpo.packing import collate
-from grpo.trainer import Rollouts, UpdateConfig, forward_logprobs, grpo_update
-from tests.project import ROOT
+from grpo.algorithm.loss import LOSS_AGGREGATIONS, policy_loss
+from grpo.models.loading import load_checkpoint
+from grpo.algorithm.packing import collate
+from grpo.algorithm.trainer import Rollouts, UpdateConfig, forward_logprobs, grpo_update
+from tests.project import ROOT, update_config
 
 F64 = torch.float64
 AGGREGATIONS = LOSS_AGGREGATIONS.names()
@@ -46,11 +46,10 @@ def _rollouts(n: int = 8, seed: int = 0, vocab: int = 1000, sampler_noise: float
 
 
 def _cfg(**overrides) -> UpdateConfig:
-    values = dict(epochs=1, minibatch_size=8, micro_batch_size=8, max_grad_norm=1e9, temperature=1.0, autocast=False,
-                  seed=0, pad_id=0, learning_rate=1.0,
-                  loss_kwargs=dict(beta=0.04, clip_low=0.2, aggregation="seq_mean_token_mean", max_completion_tokens=8))
+    values = dict(epochs=1, minibatch_size=8, micro_batch_size=8, max_grad_norm=1e9, bf16=False, learning_rate=1.0,
+                  warmup_steps=0, beta=0.04, clip_low=0.2, aggregation="seq_mean_token_mean")
     values.update(overrides)
-    return UpdateConfig(**values)
+    return update_config(**values)
 
 
 def _copy(model):
@@ -125,8 +124,7 @@ def test_the_trainer_step_does_not_depend_on_micro_batch_size(model64, aggregati
     for micro in (8, 3, 1):
         policy = _copy(model)
         before = [p.detach().clone() for p in policy.parameters()]
-        cfg = _cfg(micro_batch_size=micro, tis_cap=2.0 if tis else None,
-                   loss_kwargs=dict(beta=0.04, clip_low=0.2, aggregation=aggregation, max_completion_tokens=8))
+        cfg = _cfg(micro_batch_size=micro, tis=tis, tis_cap=2.0, beta=0.04, clip_low=0.2, aggregation=aggregation)
         result = grpo_update(policy, model, torch.optim.SGD(policy.parameters(), lr=1.0), rollouts, cfg)
         assert result.metrics["optimizer_steps"] == 1
         if tis:

@@ -16,8 +16,8 @@ pytest.importorskip("vllm", reason="vLLM is not importable (pip install vllm, or
 
 from grpo.backends import SamplingSpec, make_backend  # noqa: E402
 from grpo.backends.hf import HFBackend  # noqa: E402
-from grpo.logprobs import token_logprobs  # noqa: E402
-from grpo.prompts import render_prompt, synthetic_rows  # noqa: E402
+from grpo.algorithm.logprobs import token_logprobs  # noqa: E402
+from grpo.environments.prompts import render_prompt, synthetic_rows  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +34,7 @@ LOGPROB_ATOL = 1e-4
 def _vllm_tiny_model(src, out):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from grpo.models import save_atomic
+    from grpo.models.loading import save_model
 
     tokenizer = AutoTokenizer.from_pretrained(src)
     config = LlamaConfig.from_pretrained(src)
@@ -48,7 +48,8 @@ def _vllm_tiny_model(src, out):
         hidden = model.model(ids).last_hidden_state.reshape(-1, config.hidden_size).mean(0)
         # EOS logit 6.5 at the mean final hidden state: about half of the completions stop within 24 tokens
         model.lm_head.weight[config.eos_token_id] = 6.5 * hidden / hidden.norm() ** 2
-    return save_atomic(model, tokenizer, out)
+    save_model(model, tokenizer, out)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,7 @@ def model_dir(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hf(model_dir):
-    from grpo.models import load_checkpoint
+    from grpo.models.loading import load_checkpoint
 
     model, tokenizer = load_checkpoint(model_dir, dtype=torch.float32)
     return model.eval(), tokenizer
@@ -228,9 +229,9 @@ def adapter_dir(model_dir, tmp_path_factory):
     drawn at random (peft starts it at 0) so that the adapter changes the distribution."""
     from types import SimpleNamespace
 
-    from grpo.checkpoint import save_checkpoint
-    from grpo.lora import add_adapter, describe_base, relative_base
-    from grpo.models import load_checkpoint
+    from grpo.models.checkpoints import save_checkpoint
+    from grpo.models.lora import add_adapter, describe_base, relative_base
+    from grpo.models.loading import load_checkpoint
 
     out = tmp_path_factory.mktemp("lora") / "1"
     base, tokenizer = load_checkpoint(model_dir)
@@ -250,7 +251,7 @@ def adapter_dir(model_dir, tmp_path_factory):
 def test_lora_adapter_served_by_vllm_matches_transformers(adapter_dir, model_dir, prompts):
     # vLLM loads the base with LoRA enabled and gets the adapter by path (LoRARequest); transformers loads the
     # base and merges the adapter. Same sampled tokens scored by both: the same log-probs.
-    from grpo.models import load_checkpoint
+    from grpo.models.loading import load_checkpoint
 
     assert not (adapter_dir / "model.safetensors").exists()
     merged, _ = load_checkpoint(adapter_dir)

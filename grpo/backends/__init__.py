@@ -10,7 +10,7 @@ Every backend returns the same thing, so the generate stage writes the same Parq
 temperature 0 means greedy (n must be 1).
 
     base.py          SamplingSpec, Completion, Group, the Backend protocol, stop_token_ids, trim_at_eos
-    hf.py            HFBackend: transformers `generate`
+    hf.py            HFBackend: a transformers sampling loop (each prompt prefilled once; finished rows leave)
     vllm_backend.py  VLLMBackend: vLLM's offline engine
     data_parallel.py DataParallelBackend: D replicas of a backend in their own processes (data_parallel_size)
 
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     # (tests/test_stage_deps.py, which dvc.yaml's code deps follow) count them as code a stage may run.
     # tests/test_backends.py checks that this list and BACKENDS name the same modules.
     from grpo.backends import hf, vllm_backend  # noqa: F401
+    from grpo.models.cache import CheckpointCache
 
 __all__ = ["BACKENDS", "Backend", "BackendEntry", "Completion", "Group", "SamplingSpec", "backend_options",
            "make_backend", "select_backend", "stop_token_ids", "vllm_available"]
@@ -50,6 +51,7 @@ class BackendEntry:
     module: str
     cls: str
     options: Callable[..., dict] = _no_options  # params -> keyword arguments of the class
+    loads_checkpoints: bool = False  # loads the weights with grpo.models.loading (and so from a worker's cache)
 
     def load(self) -> type:
         return getattr(importlib.import_module(self.module), self.cls)
@@ -66,14 +68,19 @@ def _vllm_options(params) -> dict:
 
 
 BACKENDS: Registry[BackendEntry] = Registry("rollout backend")
-BACKENDS.register("hf")(BackendEntry("grpo.backends.hf", "HFBackend"))
+BACKENDS.register("hf")(BackendEntry("grpo.backends.hf", "HFBackend", loads_checkpoints=True))
 BACKENDS.register("vllm")(BackendEntry("grpo.backends.vllm_backend", "VLLMBackend", _vllm_options))
 
 
-def make_backend(name: str, model_dir: str, *, data_parallel_size: int = 1, **options) -> Backend:
+def make_backend(name: str, model_dir: str, *, data_parallel_size: int = 1, cache: CheckpointCache | None = None,
+                 **options) -> Backend:
     """Import the module of backend `name` and build it; an unknown name is a ValueError listing the known.
-    data_parallel_size > 1: that many replicas, each in its own process (grpo/backends/data_parallel.py)."""
+    data_parallel_size > 1: that many replicas, each in its own process (grpo/backends/data_parallel.py).
+    `cache`: a worker's checkpoints in memory, for a backend that loads its weights through grpo.models (hf;
+    vLLM reads the folder itself)."""
     entry = BACKENDS.get(name)
+    if cache is not None and entry.loads_checkpoints and data_parallel_size == 1:
+        options["cache"] = cache
     if data_parallel_size > 1:
         from grpo.backends.data_parallel import DataParallelBackend
 

@@ -7,7 +7,7 @@
 vLLM's offline `LLM` refuses data_parallel_size > 1 in one process; its own multi-process recipe adds an
 expert-parallel coordinator that dense models do not need. Here each replica is a separate engine: replica d
 sees GPUs [d * tp, (d + 1) * tp) through CUDA_VISIBLE_DEVICES (set before the replica imports torch), and gets
-a contiguous slice of the prompts. Every request carries its own seed (grpo.generation.request_seed), so a
+a contiguous slice of the prompts. Every request carries its own seed (grpo.backends.batches.request_seed), so a
 prompt's completions do not depend on which replica samples it or on what else is in its batch: the result
 is the one-replica result, which keeps DVC's cached rollouts valid whatever D is.
 

@@ -100,13 +100,14 @@ class HFBackend:
     name = "hf"
 
     def __init__(self, model_dir: str, *, model=None, tokenizer=None, prompts_per_batch: int = 8,
-                 dtype: str = "bfloat16", device: str = "auto"):
-        """A given `model` stays on its device; one loaded from `model_dir` goes to `device` (auto: CUDA when
-        visible, else the CPU)."""
-        from grpo.models import load_checkpoint, resolve_device, use_fast_attention
+                 dtype: str = "bfloat16", device: str = "auto", cache=None):
+        """A given `model` stays on its device; one loaded from `model_dir` (from `cache`, a worker's
+        grpo.models.cache.CheckpointCache, when it holds the folder) goes to `device` (auto: CUDA when visible,
+        else the CPU)."""
+        from grpo.models.loading import load_checkpoint, resolve_device, use_fast_attention
 
         if model is None:
-            model, tokenizer = load_checkpoint(model_dir)
+            model, tokenizer = load_checkpoint(model_dir, cache=cache)
             target = resolve_device(device)
             model = use_fast_attention(model.to(target), target)
         self.model, self.tokenizer = model.eval(), tokenizer

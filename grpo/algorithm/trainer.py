@@ -12,7 +12,7 @@ Read top to bottom:
     grpo_update(...)       mu = optim.epochs passes, each over minibatches of a seeded shuffle (of whole
                            groups, or of completions: optim.shuffle)
 
-Every forward pass packs its micro-batch with grpo.packing.pack: each distinct prompt computed once, its
+Every forward pass packs its micro-batch with grpo.algorithm.packing.pack: each distinct prompt computed once, its
 completions after it; the micro-batches take a minibatch's completions prompt by prompt.
 
 pi_old is logp detached when the batch is one optimizer step (mu = 1 and one minibatch: TRL's
@@ -43,11 +43,12 @@ from typing import Callable, Optional
 
 import torch
 
+from grpo.config import LossConfig, OptimConfig
 from grpo.distributed import all_reduce_sum, rank, world_size
 from grpo.errors import NonFiniteError
-from grpo.logprobs import token_entropy, token_logprobs
-from grpo.loss import LOSS_AGGREGATIONS, policy_loss
-from grpo.packing import Batch, attention_mask_for, by_prompt, pack, prompt_adjacent
+from grpo.algorithm.logprobs import token_entropy, token_logprobs
+from grpo.algorithm.loss import LOSS_AGGREGATIONS, policy_loss
+from grpo.algorithm.packing import Batch, attention_mask_for, by_prompt, pack, prompt_adjacent
 
 # per-step statistics averaged (token-weighted over micro-batches) into the iteration's metrics
 STEP_STATS = ("loss", "kl", "entropy", "clip_ratio_low", "clip_ratio_high", "clip_ratio", "ratio_mean")
@@ -56,7 +57,7 @@ STEP_STATS = ("loss", "kl", "entropy", "clip_ratio_low", "clip_ratio_high", "cli
 def forward_logprobs(model, batch: Batch, *, temperature: float, autocast: bool,
                      with_entropy: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The model's log pi(o_t | q, o_<t) for every completion token, [B, L] float32 (float64 for a float64
-    model), and the entropy of each next-token distribution (no grad) if asked. `batch`: grpo.packing's
+    model), and the entropy of each next-token distribution (no grad) if asked. `batch`: grpo.algorithm.packing's
     pack (shared prompts) or collate (one row per completion)."""
     device_type = batch.input_ids.device.type
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
@@ -83,29 +84,35 @@ class Rollouts:
         return len(self.prompt_ids)
 
 
-@dataclass
+@dataclass(frozen=True)
 class UpdateConfig:
-    epochs: int
-    minibatch_size: int
-    micro_batch_size: int
-    max_grad_norm: float
-    temperature: float
-    autocast: bool
-    seed: int
-    loss_kwargs: dict  # beta, clip_low, clip_high, kl_estimator, aggregation, importance, max_completion_tokens
-    pad_id: int = 0
-    tis_cap: Optional[float] = None  # truncated importance sampling cap C (None = off)
-    learning_rate: float = 1e-5
-    warmup_steps: int = 0  # linear warm-up over the first optimizer steps of the whole run
-    shuffle: str = "groups"  # what the seeded shuffle permutes: whole groups (equal prompts) or completions
-    start_step: int = 0  # optimizer steps taken by earlier iterations (the schedule continues across them)
+    """What one update needs: params.yaml's optim and loss sections as they are, and this iteration's values.
+    No defaults: every value comes from params.yaml (pipeline/update.py) or the caller."""
+
+    optim: OptimConfig  # epochs, minibatch and micro-batch sizes, learning rate and warm-up, bf16, ...
+    loss: LossConfig  # beta, clip range, KL estimator, aggregation, importance level, TIS
+    temperature: float  # rollout.temperature: log-probs of the distribution that sampled
+    max_completion_tokens: int  # rollout.max_new_tokens: Dr. GRPO's normaliser (seq_mean_token_sum_norm)
+    seed: int  # this iteration's shuffle seed
+    pad_id: int
+    start_step: int  # optimizer steps taken by earlier iterations (the warm-up continues across them)
+
+    @property
+    def tis_cap(self) -> Optional[float]:
+        """Truncated importance sampling's cap C, None when loss.tis is off."""
+        return self.loss.tis_cap if self.loss.tis else None
 
     def lr_at(self, step: int) -> float:
         """Learning rate of global optimizer step `step` (0-based): linear warm-up, then constant.
         Adam's first steps move every weight by ~lr whatever its gradient; warm-up keeps them small."""
-        if self.warmup_steps <= 0:
-            return self.learning_rate
-        return self.learning_rate * min(1.0, (step + 1) / self.warmup_steps)
+        lr, warmup = self.optim.learning_rate, self.optim.warmup_steps
+        return lr if warmup <= 0 else lr * min(1.0, (step + 1) / warmup)
+
+    def loss_settings(self) -> dict:
+        """The keyword arguments of grpo.policy_loss that params.yaml sets."""
+        l = self.loss
+        return dict(beta=l.beta, clip_low=l.clip_low, clip_high=l.clip_high, kl_estimator=l.kl_estimator,
+                    aggregation=l.aggregation, importance=l.importance, max_completion_tokens=self.max_completion_tokens)
 
 
 @dataclass
@@ -125,16 +132,17 @@ def _padded(rows: list[torch.Tensor], idx: list[int], width: int, like: torch.Te
     return out
 
 
-def _micro_batches(indices: list[int], size: int) -> list[list[int]]:
+def chunks(indices: list[int], size: int) -> list[list[int]]:
+    """`indices` cut into consecutive pieces of `size` (the last may be shorter): minibatches, micro-batches."""
     return [indices[i : i + size] for i in range(0, len(indices), size)]
 
 
-def rank_micro_batches(indices: list[int], size: int, rank: int, world: int) -> list[list[int]]:
-    """This rank's micro-batches of `indices`: its share indices[rank::world] cut into micro-batches of `size`,
-    then empty ones (placeholders) up to the count every rank runs, ceil(ceil(len / world) / size).
+def rank_micro_batches(indices: list[int], size: int, rank_index: int, num_ranks: int) -> list[list[int]]:
+    """This rank's micro-batches of `indices`: its share indices[rank_index::num_ranks] cut into micro-batches of
+    `size`, then empty ones (placeholders) up to the count every rank runs, ceil(ceil(len / num_ranks) / size).
     One rank: the micro-batches of `indices`, none empty."""
-    micro = _micro_batches(indices[rank::world], size)
-    rounds = math.ceil(math.ceil(len(indices) / world) / size)
+    micro = chunks(indices[rank_index::num_ranks], size)
+    rounds = math.ceil(math.ceil(len(indices) / num_ranks) / size)
     return micro + [[] for _ in range(rounds - len(micro))]
 
 
@@ -163,16 +171,16 @@ def _sampled_token_logprobs(models: list, rollouts: Rollouts, cfg: UpdateConfig,
     Rank r computes the completions r::W into an [N, L_max] table that is zero elsewhere; the tables are summed
     over ranks (each row comes from exactly one rank, so the sum is exact) and every rank gets every row."""
     n = len(rollouts)
-    width = max([1, *map(len, rollouts.completion_ids)])  # as grpo.packing: at least one column
+    width = max([1, *map(len, rollouts.completion_ids)])  # as grpo.algorithm.packing: at least one column
     tables: list[Optional[torch.Tensor]] = [None] * len(models)
     adjacent = prompt_adjacent(range(n), rollouts.prompt_ids)  # prompts shared in a pack
     with torch.no_grad():
-        for idx in rank_micro_batches(adjacent, cfg.micro_batch_size, rank(), world_size()):
+        for idx in rank_micro_batches(adjacent, cfg.optim.micro_batch_size, rank(), world_size()):
             # a placeholder micro-batch runs row 0 and keeps nothing: the forwards of a sharded model are
             # collectives, every rank runs as many
             batch = _pack_rows(rollouts, idx or [0], cfg, device)
             for m, model in enumerate(models):
-                lp, _ = forward_logprobs(model, batch, temperature=cfg.temperature, autocast=cfg.autocast)
+                lp, _ = forward_logprobs(model, batch, temperature=cfg.temperature, autocast=cfg.optim.bf16)
                 if tables[m] is None:
                     tables[m] = torch.zeros(n, width, dtype=lp.dtype, device=lp.device)
                 tables[m][idx, : lp.shape[1]] = lp[: len(idx)]
@@ -184,7 +192,7 @@ def precompute(policy, reference, rollouts: Rollouts, cfg: UpdateConfig, needs_o
                device: torch.device | str = "cpu") -> Precomputed:
     """log pi_ref and log pi_old of every sampled token, the sampler mismatch and the TIS weights."""
     n = len(rollouts)
-    needs_ref = reference is not None and cfg.loss_kwargs.get("beta", 0.0) != 0.0
+    needs_ref = reference is not None and cfg.loss.beta != 0.0
     needs_old = needs_old or rollouts.sampler_logprobs is not None
     models = ([reference] if needs_ref else []) + ([policy] if needs_old else [])
     computed = _sampled_token_logprobs(models, rollouts, cfg, device) if models else []
@@ -218,12 +226,12 @@ def optimizer_step(policy, optimizer, rollouts: Rollouts, minibatch: list[int], 
     token_mean), so the micro-batch losses, and their gradients, add up to the minibatch's exactly. With
     several ranks this rank runs its share minibatch[rank::W], N is summed over ranks (global_count) and the
     statistics are summed over ranks too, so every rank returns the step's numbers for the whole minibatch."""
-    aggregation = LOSS_AGGREGATIONS.get(cfg.loss_kwargs.get("aggregation", "seq_mean_token_mean"))
+    aggregation = LOSS_AGGREGATIONS.get(cfg.loss.aggregation)
     world = world_size()
     # the minibatch's completions of one prompt side by side, so that a micro-batch packs them on one prompt
     # (the minibatch's gradient is a sum over its completions: their order does not change it)
     minibatch = prompt_adjacent(minibatch, rollouts.prompt_ids)
-    micro = rank_micro_batches(minibatch, cfg.micro_batch_size, rank(), world)
+    micro = rank_micro_batches(minibatch, cfg.optim.micro_batch_size, rank(), world)
     # a placeholder (empty) micro-batch runs the minibatch's first row with a zero mask: no loss, no gradient
     batches = [_pack_rows(rollouts, idx or minibatch[:1], cfg, device) for idx in micro]
     masks = [_completion_mask(b, rollouts, idx) for b, idx in zip(batches, micro)]
@@ -232,17 +240,17 @@ def optimizer_step(policy, optimizer, rollouts: Rollouts, minibatch: list[int], 
     optimizer.zero_grad(set_to_none=True)
     totals: dict[str, float] = {name: 0.0 for name in STEP_STATS}
     tokens = 0.0
-    size = cfg.micro_batch_size
+    size = cfg.optim.micro_batch_size
     for j, (idx, batch, mask) in enumerate(zip(micro, batches, masks)):
         rows = idx or minibatch[:1]
         width = batch.completion_ids.shape[1]
-        logp, entropy = forward_logprobs(policy, batch, temperature=cfg.temperature, autocast=cfg.autocast,
+        logp, entropy = forward_logprobs(policy, batch, temperature=cfg.temperature, autocast=cfg.optim.bf16,
                                          with_entropy=True)
         old = logp.detach() if fixed.old_logprobs is None else _padded(fixed.old_logprobs, rows, width, logp)
         ref = None if fixed.ref_logprobs is None else _padded(fixed.ref_logprobs, rows, width, logp)
         weights = None if fixed.is_weights is None else _padded(fixed.is_weights, rows, width, logp)
         loss, stats = policy_loss(logp, old, rollouts.advantages[rows].to(logp), mask.to(logp), ref_logprobs=ref,
-                                  is_weights=weights, num_units=num_units, **cfg.loss_kwargs)
+                                  is_weights=weights, num_units=num_units, **cfg.loss_settings())
         # summed over ranks: non-finite on every rank when it is on one, so that all ranks stop together
         summed = all_reduce_sum(loss.detach().clone())
         if not torch.isfinite(summed):
@@ -258,7 +266,7 @@ def optimizer_step(policy, optimizer, rollouts: Rollouts, minibatch: list[int], 
         tokens += stats["num_tokens"]
         # completions of this round on all ranks: positions [j * size * W, (j + 1) * size * W) of the minibatch
         progress(len(minibatch[j * size * world : (j + 1) * size * world]))
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm))
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.optim.max_grad_norm))
     if not math.isfinite(grad_norm):
         raise NonFiniteError(f"gradient norm is {grad_norm}; lower optim.learning_rate or check the rollouts")
     for group in optimizer.param_groups:
@@ -283,7 +291,8 @@ def grpo_update(policy, reference, optimizer, rollouts: Rollouts, cfg: UpdateCon
                 device: torch.device | str = "cpu", progress: Callable[[int], None] = lambda n: None) -> UpdateResult:
     """mu epochs of minibatch updates over `rollouts`; the optimizer's state carries the run's history."""
     n = len(rollouts)
-    one_step = cfg.epochs == 1 and n <= cfg.minibatch_size
+    o = cfg.optim
+    one_step = o.epochs == 1 and n <= o.minibatch_size
     began = time.perf_counter()
     fixed = precompute(policy, reference, rollouts, cfg, needs_old=not one_step, device=device)
     logprob_seconds = time.perf_counter() - began
@@ -291,15 +300,15 @@ def grpo_update(policy, reference, optimizer, rollouts: Rollouts, cfg: UpdateCon
         fixed.old_logprobs = None  # pi_old = pi_theta detached (the same weights, no second forward)
     rng = random.Random(cfg.seed)
     steps: list[dict[str, float]] = []
-    for _ in range(cfg.epochs):
-        if cfg.shuffle == "groups":  # verl: minibatches of whole groups
+    for _ in range(o.epochs):
+        if o.shuffle == "groups":  # verl: minibatches of whole groups
             groups = by_prompt(range(n), rollouts.prompt_ids)
             rng.shuffle(groups)
             order = [i for group in groups for i in group]
         else:  # TRL: minibatches of completions from any group
             order = list(range(n))
             rng.shuffle(order)
-        for minibatch in _micro_batches(order, cfg.minibatch_size):
+        for minibatch in chunks(order, o.minibatch_size):
             lr = cfg.lr_at(cfg.start_step + len(steps))
             try:
                 steps.append(optimizer_step(policy, optimizer, rollouts, minibatch, fixed, cfg, lr, device=device,

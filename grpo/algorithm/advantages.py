@@ -84,7 +84,7 @@ def _scale_none(rewards: torch.Tensor, stats: GroupStats, eps: float) -> torch.T
 
 
 def group_advantages(
-    rewards: torch.Tensor, group_ids: Sequence[Hashable], *, scale: str = "group", eps: float = 1e-4
+    rewards: torch.Tensor, group_ids: Sequence[Hashable], *, scale: str = "batch", eps: float = 1e-4
 ) -> torch.Tensor:
     """Advantage of each completion relative to its group. Returns a [N] tensor in rewards' dtype, on rewards'
     device."""

@@ -6,15 +6,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from grpo import model_cache
-from grpo.contracts import remove_stale_temporaries, temporary_prefix
+from grpo.models.cache import CheckpointCache
 from grpo.errors import InputError
 
 EMBEDDED = "embedded"
@@ -80,62 +76,36 @@ def resolve_device(name: str) -> torch.device:
 def use_fast_attention(model, device: torch.device):
     """The attention kernel for `device`: eager on the CPU, where for these short sequences it is faster than
     SDPA's flash kernel (a decoding step's single query: ~1.2x the tokens per second; a log-prob pass: ~10%
-    less time; grpo.packing supports both), SDPA elsewhere (transformers' default)."""
+    less time; grpo.algorithm.packing supports both), SDPA elsewhere (transformers' default)."""
     model.set_attn_implementation("eager" if device.type == "cpu" else "sdpa")
     return model
 
 
-def temporary_dir(out_dir: str | Path) -> Path:
-    """A new empty temporary sibling of `out_dir` (what a killed earlier run left there is removed first)."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out_dir)  # a killed earlier run's half-written checkpoint
-    tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(out_dir), suffix=".tmp", dir=out_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it owner-only
-    return tmp
+def save_model(model, tokenizer, folder: Path, *, state_dict: dict | None = None) -> None:
+    """save_pretrained (safetensors) and the tokenizer into `folder` (a grpo.models.atomic.atomic_folder).
+    `state_dict`: the weights to write when the model's own parameters are shards (grpo.distributed.full_state_dict);
+    `tokenizer` None: an adapter checkpoint, whose tokenizer is its base's."""
+    model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
 
 
-def publish(tmp: Path, out_dir: str | Path) -> Path:
-    """Rename the finished temporary directory into place (replacing an older `out_dir`)."""
-    out_dir = Path(out_dir)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-    return out_dir
-
-
-def save_atomic(model, tokenizer, out_dir: str | Path, write_extra: Callable[[Path], None] | None = None, *,
-                tmp: Path | None = None, state_dict: dict | None = None) -> Path:
-    """save_pretrained (safetensors) into a temporary sibling directory (`tmp`, or a new one), write_extra(that
-    directory) for any other file, then rename it into place. `state_dict`: the weights to write when the
-    model's own parameters are shards (grpo.distributed.full_state_dict)."""
-    tmp = temporary_dir(out_dir) if tmp is None else tmp
-    try:
-        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
-        if tokenizer is not None:  # None: an adapter checkpoint, whose tokenizer is its base's
-            tokenizer.save_pretrained(tmp)
-        if write_extra is not None:
-            write_extra(tmp)
-        return publish(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def load_checkpoint(path: str | Path, *, dtype: torch.dtype = torch.float32, to_train: bool = False):
-    """(model, tokenizer) from a directory written by save_atomic. A LoRA checkpoint (grpo/lora.py) loads its
+def load_checkpoint(path: str | Path, *, dtype: torch.dtype = torch.float32, to_train: bool = False,
+                    cache: CheckpointCache | None = None):
+    """(model, tokenizer) from a checkpoint folder (grpo/models/checkpoints.py), or from `cache` when it holds the
+    unchanged folder. A LoRA checkpoint (grpo/models/lora.py) loads its
     base and merges the adapter into the weights, W + (alpha / r) B A: a plain model (for sampling, evaluation
     and export; the update loads the adapter itself, to train it). `to_train`: the caller will change the
-    weights, so a worker's copy in memory (grpo/model_cache.py) is handed over rather than copied."""
+    weights, so the cache's copy is handed over rather than copied."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from grpo.lora import base_dir, is_adapter_dir, load_adapter
+    from grpo.models.lora import base_dir, is_adapter_dir, load_adapter
 
     if is_adapter_dir(path):
-        model, tokenizer = load_checkpoint(base_dir(path, checkpoint_info(path)), dtype=dtype)
+        model, tokenizer = load_checkpoint(base_dir(path, checkpoint_info(path)), dtype=dtype, cache=cache)
         return load_adapter(model, path, trainable=False).merge_and_unload(), tokenizer
     kind = f"model:{dtype}"
-    cached = model_cache.get(path, kind, take=to_train)  # a long-lived worker read or wrote it before
+    cached = cache.get(path, kind, take=to_train) if cache is not None else None
     if cached is not None:
         return cached
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -143,6 +113,6 @@ def load_checkpoint(path: str | Path, *, dtype: torch.dtype = torch.float32, to_
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    if not to_train:
-        model_cache.put(path, kind, (model, tokenizer))
+    if not to_train and cache is not None:
+        cache.put(path, kind, (model, tokenizer))
     return model, tokenizer

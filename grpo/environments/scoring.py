@@ -7,7 +7,7 @@ silently dropped): the rollout stays inspectable and the run goes on. A function
 RewardResult with an error (code_tests: a failed test, a timeout, a killed program) has that error kept there
 too. A UserError (ConfigError: the sandbox cannot run) is not a per-row problem: it stops the scoring.
 
-A reward with a batch form (grpo.rewards.BATCH_REWARD_FUNCTIONS) is called once with every sample (code_tests
+A reward with a batch form (grpo.environments.rewards.BATCH_REWARD_FUNCTIONS) is called once with every sample (code_tests
 runs the programs in parallel); the others once per sample.
 """
 
@@ -18,9 +18,9 @@ import time
 from typing import Mapping, Sequence
 
 from grpo.errors import UserError
-from grpo.reasoning_gym_tasks import check_reasoning_gym
-from grpo.rewards import BATCH_REWARD_FUNCTIONS, REWARD_FUNCTIONS, RewardResult, RewardSettings, Sample
-from grpo.sandbox import check_sandbox
+from grpo.environments.reasoning_gym_tasks import check_reasoning_gym
+from grpo.environments.rewards import BATCH_REWARD_FUNCTIONS, REWARD_FUNCTIONS, RewardResult, RewardSettings, Sample
+from grpo.environments.sandbox import check_sandbox
 
 
 def score_completions(samples: Sequence[Sample], weights: Mapping[str, float], settings: RewardSettings,

@@ -1,5 +1,5 @@
 """The `code_tests` reward: run the program a completion writes against the task's unit tests, in the sandbox
-(grpo.sandbox), and score the tests it passes.
+(grpo.environments.sandbox), and score the tests it passes.
 
 A code task's ground truth is a JSON object in HumanEval's format:
 
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence
 
-from grpo.sandbox import DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT_S, SandboxResult, run_many
+from grpo.environments.sandbox import DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT_S, SandboxResult, run_many
 
 HUMANEVAL_FIELDS = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
 MAX_ERROR_CHARS = 300  # the reward_error column is for a person to read

@@ -9,13 +9,13 @@
    column and what is wrong, so a user fixes them all in one go (the listing stops after MAX_LISTED).
    With prompts.tests_column (source file: coding tasks) the ground truth comes from that column instead of
    the answer column: a JSON object {"test": "def check(candidate): ...", "entry_point": "name"[, "prompt":
-   "..."]} (grpo.code_tasks), given as an object (a JSONL object, a Parquet struct) or as a string holding
+   "..."]} (grpo.environments.code_tasks), given as an object (a JSONL object, a Parquet struct) or as a string holding
    one; it is checked as the code_tests reward reads it, and stored as JSON. The question column is what the
    model is asked (e.g. "Write a function add(a, b) that returns a + b."); the prompt names the entry point.
 2. Duplicate questions (equal after stripping and collapsing whitespace): when they have the same ground
    truth, the first occurrence is kept and the others are dropped (PromptFile.duplicates, which the stages
    log); when their ground truths differ, that is an error naming both lines.
-3. split_rows shuffles the rows with the seed and holds out the first num_eval for eval. grpo.prompts drops
+3. split_rows shuffles the rows with the seed and holds out the first num_eval for eval. grpo.environments.prompts drops
    the prompts too long for the model before the split, so a question is never in both train and eval (nor
    do two rows share a prompt_id), and num_train / num_eval count only usable prompts.
 """
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 
-from grpo.code_tasks import parse_ground_truth as parse_code_task
+from grpo.environments.code_tasks import parse_ground_truth as parse_code_task
 from grpo.errors import InputError
 
 GSM8K_COLUMNS = ("question", "answer")  # the columns prompts.source gsm8k reads

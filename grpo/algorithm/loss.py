@@ -24,7 +24,7 @@ from typing import Callable, Optional
 
 import torch
 
-from grpo.kl import kl_divergence
+from grpo.algorithm.kl import kl_divergence
 from grpo.registry import Registry
 
 LOSS_AGGREGATIONS: Registry = Registry("loss aggregation")

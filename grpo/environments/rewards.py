@@ -14,11 +14,11 @@ L_cache = reward.overlong_buffer:
            -1                             |y| > L_max
 
 `code_tests` runs the program the completion writes against the task's unit tests in the sandbox
-(grpo.code_tasks, grpo.sandbox); the ground truth is the JSON {"test", "entry_point"[, "prompt"]}. Score: 1/0
+(grpo.environments.code_tasks, grpo.environments.sandbox); the ground truth is the JSON {"test", "entry_point"[, "prompt"]}. Score: 1/0
 with all_or_nothing, else the fraction of tests passed; why it is not 1 (a failed test, a timeout, a kill) is
 returned with it as a RewardResult and lands in the score stage's reward_error column.
 `reasoning_gym` scores the stated answer with the reasoning-gym generator's own verifier
-(grpo.reasoning_gym_tasks).
+(grpo.environments.reasoning_gym_tasks).
 
 A reward returns a float, or a RewardResult(score, error) when it has a reason to record. A reward may also
 register a batch form (BATCH_REWARD_FUNCTIONS: (samples, settings) -> one result per sample), which scoring
@@ -32,9 +32,9 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from grpo import code_tasks, reasoning_gym_tasks
+from grpo.environments import code_tasks, reasoning_gym_tasks
 from grpo.registry import Registry
-from grpo.sandbox import DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT_S
+from grpo.environments.sandbox import DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT_S
 
 # math-verify stops a parse or a comparison after this many seconds (SIGALRM: stages score in their main
 # thread). Without it, a completion or answer such as 10^{10^{10^{10}}} hangs scoring for good.
@@ -60,7 +60,7 @@ class RewardSettings:
     code_all_or_nothing: bool = True
     code_timeout_s: float = DEFAULT_TIMEOUT_S
     code_memory_mb: int = DEFAULT_MEMORY_MB
-    sandbox: str = "bwrap"  # "none": UNSAFE, model code runs unconfined (grpo.sandbox)
+    sandbox: str = "bwrap"  # "none": UNSAFE, model code runs unconfined (grpo.environments.sandbox)
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,7 @@ def overlong_penalty(sample: Sample, settings: RewardSettings) -> float:
 
 @REWARD_FUNCTIONS.register("code_tests")
 def code_tests(sample: Sample, settings: RewardSettings) -> RewardResult:
-    """The unit tests the completion's program passes (grpo.code_tasks), run in the sandbox."""
+    """The unit tests the completion's program passes (grpo.environments.code_tasks), run in the sandbox."""
     return code_tests_batch([sample], settings)[0]
 
 
@@ -170,5 +170,5 @@ def code_tests_batch(samples: Sequence[Sample], settings: RewardSettings) -> lis
 
 @REWARD_FUNCTIONS.register("reasoning_gym")
 def reasoning_gym_reward(sample: Sample, settings: RewardSettings) -> float:
-    """The reasoning-gym generator's own verifier on the completion's stated answer (grpo.reasoning_gym_tasks)."""
+    """The reasoning-gym generator's own verifier on the completion's stated answer (grpo.environments.reasoning_gym_tasks)."""
     return reasoning_gym_tasks.score_completion(sample.completion, sample.ground_truth)

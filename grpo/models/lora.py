@@ -5,7 +5,7 @@ A LoRA checkpoint folder holds the adapter, not the model:
     data/checkpoints/<k>/                 (k >= 1; checkpoint 0 is always the whole base model)
         adapter_model.safetensors, adapter_config.json    peft's save_pretrained (A, B of every target module)
         checkpoint.json      {..., "base": "../0"}: the base folder, relative to this one
-        optimizer/, trainer_state.pt      as for full fine-tuning (grpo/checkpoint.py), adapter parameters only
+        optimizer/, trainer_state.pt      as for full fine-tuning (grpo/models/checkpoints.py), adapter parameters only
 
 The KL reference of GRPO is the base model, i.e. the policy with its adapter switched off (B A = 0): one
 model in memory, not two (`ReferenceView`).
@@ -88,7 +88,7 @@ class ReferenceView:
 
     def __init__(self, policy):
         self.policy = policy
-        self.config = policy.config  # the model's settings, e.g. its attention implementation (grpo.packing)
+        self.config = policy.config  # the model's settings, e.g. its attention implementation (grpo.algorithm.packing)
 
     def __call__(self, *args, **kwargs):
         with self.disabled():

@@ -1,0 +1,3 @@
+"""Models and checkpoints: loading a model source (loading.py), checkpoint folders with their optimizer state
+(checkpoints.py), LoRA adapters (lora.py), atomic writes of every output (atomic.py) and the in-memory
+checkpoint cache a long-lived worker holds (cache.py)."""
