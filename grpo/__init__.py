@@ -1,6 +1,17 @@
-"""GRPO as a library: pure functions on tensors, variants in registries, no orchestration.
+"""GRPO as a library: pure functions on tensors, variants in registries, no orchestration (nothing here imports
+pipeline/ or flows/).
 
     from grpo import group_advantages, kl_divergence, policy_loss, token_logprobs
+
+    algorithm/      the update: group advantages, KL estimators, the clipped loss, token log-probs, shared-prefix
+                    packing, the trainer loop, the TRL-named metrics
+    environments/   what a model learns in: dataset prompts and their answer verifiers, the Python interpreter
+                    and its sandbox (code tasks), reasoning-gym; scoring runs their rewards over a table
+    models/         loading a model source, checkpoint folders (weights, DCP optimizer state), LoRA, atomic
+                    writes, the in-memory checkpoint cache a worker holds
+    backends/       rollout backends: transformers' sampling loop, vLLM, data-parallel replicas
+    config.py       params.yaml as frozen dataclasses, one per section; contracts.py the Parquet schemas between
+                    stages; distributed.py torchrun and FSDP2; errors.py, registry.py, variants.py
 
 The names below are loaded on first use (PEP 562), so that importing one module of the package (as every
 pipeline stage does) does not import them all: each DVC stage depends on exactly the modules it runs.

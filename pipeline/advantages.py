@@ -1,6 +1,9 @@
-"""Stage advantages@k: group-normalised advantages, A_i = (r_i - mean) / (std + eps) per prompt group.
+"""Stage advantages@k: each completion's reward relative to its prompt group (grpo/algorithm/advantages.py):
+A_i = (r_i - group mean) / (std + eps), the std over the batch (advantage.scale batch, the default), over the
+group (group) or none (none: A_i = r_i - group mean).
 
-    python -m pipeline.advantages --iteration 1 --scored data/scored/1.parquet --out data/advantages/1.parquet
+    python -m pipeline.advantages --iteration 1 --scored data/scored/1.parquet --out data/advantages/1.parquet \
+        --metrics data/metrics/1/advantages.json
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Stage evaluate@k: greedy accuracy of checkpoint k on the held-out eval split.
 
-    python -m pipeline.evaluate --iteration 0 --policy data/checkpoints/0 --out data/eval/0.parquet
+    python -m pipeline.evaluate --iteration 0 --policy data/checkpoints/0 --prompts data/prompts.parquet \
+        --out data/eval/0.parquet --metrics data/metrics/0/evaluate.json
 
 What is measured follows the held-out tasks' ground truth (grpo.environments.scoring.ground_truth_kind):
     answers        eval/accuracy (correctness as reward.strict_answer reads it), eval/accuracy_strict (the
@@ -93,7 +94,8 @@ def main(argv: list[str] | None = None, *, cache: CheckpointCache | None = None)
 def answer_scores(samples: list[Sample], params, e) -> tuple[dict, dict]:
     """Correctness as the training reward counts it (reward.strict_answer), leniently for comparison, and the
     format: (per-problem columns, metrics)."""
-    settings = {strict: RewardSettings(strict, e.max_new_tokens, params.reward.overlong_buffer) for strict in (True, False)}
+    settings = {strict: RewardSettings(dataclasses.replace(params.reward, strict_answer=strict), e.max_new_tokens)
+                for strict in (True, False)}
     # format reads the '#### N' line whatever strict_answer says: the lenient pass needs correctness only
     scores = {True: score_completions(samples, {"correctness": 1.0, "format": 1.0}, settings[True]),
               False: score_completions(samples, {"correctness": 1.0}, settings[False])}
@@ -108,7 +110,8 @@ def answer_scores(samples: list[Sample], params, e) -> tuple[dict, dict]:
 def code_scores(samples: list[Sample], params, e) -> tuple[dict, dict]:
     """Pass@1 of the greedy programs: every test must pass (all_or_nothing), whatever the training reward
     counts. The reason a program fails is kept per problem ("error")."""
-    settings = dataclasses.replace(reward_settings(params), code_all_or_nothing=True)
+    reward = dataclasses.replace(params.reward, code_tests=dataclasses.replace(params.reward.code_tests, all_or_nothing=True))
+    settings = RewardSettings(reward, max_completion_tokens=params.rollout.max_new_tokens)
     scores = score_completions(samples, {"code_tests": 1.0}, settings)
     columns = {"correct": [v == 1.0 for v in scores["reward_code_tests"]], "error": scores["reward_error"]}
     return columns, {"eval/pass_rate": _mean(columns["correct"])}

@@ -1,6 +1,7 @@
 """Stage generate@k: G completions for each of iteration k's train prompts, sampled from checkpoint k-1.
 
-    python -m pipeline.generate --iteration 1 --policy data/checkpoints/0 --out data/rollouts/1.parquet
+    python -m pipeline.generate --iteration 1 --policy data/checkpoints/0 --prompts data/prompts.parquet \
+        --out data/rollouts/1.parquet --metrics data/metrics/1/generate.json
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Stage score@k: every weighted reward function on every completion (offline; no model needed).
 
-    python -m pipeline.score --iteration 1 --rollouts data/rollouts/1.parquet --out data/scored/1.parquet
+    python -m pipeline.score --iteration 1 --rollouts data/rollouts/1.parquet --out data/scored/1.parquet \
+        --metrics data/metrics/1/score.json
 
 With code_tests weighted, the programs run in the sandbox, as many at once as the machine has cores; a
 sandbox that cannot run (reward.sandbox bwrap without a working bwrap) stops the stage before any scoring.

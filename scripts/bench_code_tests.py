@@ -8,12 +8,14 @@ programs run in parallel up to the machine's cores (grpo.environments.scoring.sc
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from grpo.config import load_params  # noqa: E402
 from grpo.environments.code_tasks import humaneval_ground_truth, humaneval_tasks  # noqa: E402
 from grpo.environments.rewards import RewardSettings, Sample  # noqa: E402
 from grpo.environments.scoring import score_completions  # noqa: E402
@@ -24,8 +26,10 @@ def main() -> None:
     parser.add_argument("--sandbox", default="bwrap", choices=["bwrap", "none"])
     args = parser.parse_args()
     tasks = humaneval_tasks()
-    settings = RewardSettings(True, 512, 16, code_all_or_nothing=True, code_timeout_s=10.0, code_memory_mb=512,
-                              sandbox=args.sandbox)
+    reward = load_params(Path(__file__).resolve().parents[1] / "params.yaml").reward
+    reward = dataclasses.replace(reward, sandbox=args.sandbox,
+                                 code_tests=dataclasses.replace(reward.code_tests, all_or_nothing=True))
+    settings = RewardSettings(reward, max_completion_tokens=512)
     for kind in ("canonical", "wrong"):
         samples = []
         for task in tasks:

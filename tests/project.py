@@ -25,3 +25,17 @@ def update_config(*, temperature: float = 1.0, max_completion_tokens: int = 8, s
     assert not unknown, f"not an optim or loss setting: {sorted(unknown)}"
     return UpdateConfig(optim=sections["optim"], loss=sections["loss"], temperature=temperature,
                         max_completion_tokens=max_completion_tokens, seed=seed, pad_id=pad_id, start_step=start_step)
+
+
+def reward_settings(*, max_completion_tokens: int = 48, **changes):
+    """The reward functions' RewardSettings from the project's params.yaml reward section, with `changes` to its
+    fields (strict_answer=True, overlong_buffer=16, sandbox="none", code_tests={"timeout_s": 2.0}, ...)."""
+    import dataclasses
+
+    from grpo.config import load_params
+    from grpo.environments.rewards import RewardSettings
+
+    reward = load_params(ROOT / "params.yaml").reward
+    if "code_tests" in changes:
+        changes["code_tests"] = dataclasses.replace(reward.code_tests, **changes["code_tests"])
+    return RewardSettings(dataclasses.replace(reward, **changes), max_completion_tokens=max_completion_tokens)

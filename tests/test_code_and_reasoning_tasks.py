@@ -23,13 +23,13 @@ from grpo.errors import InputError
 from grpo.environments.prompt_files import read_prompt_file
 from grpo.environments.prompts import build_prompt_rows, prompt_id
 from grpo.environments.reasoning_gym_tasks import extract_answer
-from grpo.environments.rewards import RewardSettings, Sample
+from grpo.environments.rewards import Sample
 from grpo.environments.scoring import score_completions
-from tests.project import ROOT, dvc, make_project, small_params
+from tests.project import ROOT, dvc, make_project, reward_settings, small_params
 
 needs_sandbox = pytest.mark.skipif(not sandbox.sandbox_available(),
                                    reason="bwrap cannot run here (see grpo.environments.sandbox.check_sandbox)")
-CODE = RewardSettings(True, 48, 16, code_all_or_nothing=True, code_timeout_s=2.0, code_memory_mb=256)
+CODE = reward_settings(strict_answer=True, code_tests={"all_or_nothing": True, "timeout_s": 2.0, "memory_mb": 256})
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def test_code_tests_through_the_registry_scores_right_wrong_and_hostile_programs
 @needs_sandbox
 def test_partial_credit_and_bad_ground_truth_in_one_batch(task):
     truth = humaneval_ground_truth(task)
-    settings = RewardSettings(True, 48, 16, code_all_or_nothing=False, code_timeout_s=2.0)
+    settings = reward_settings(strict_answer=True, code_tests={"all_or_nothing": False, "timeout_s": 2.0})
     columns = score_completions([Sample(programs(task)["wrong"], truth, 1, "stop"), Sample("x", "42", 1, "stop")],
                                 {"code_tests": 1.0}, settings)
     assert 0.0 < columns["reward_code_tests"][0] < 1.0  # some asserts expect False
@@ -103,7 +103,7 @@ def test_partial_credit_and_bad_ground_truth_in_one_batch(task):
 def test_the_batch_runs_programs_in_parallel(task):
     slow = f"```python\nimport time\ndef {task['entry_point']}(numbers, threshold):\n    time.sleep(1.0)\n    return 0\n```"
     truth = humaneval_ground_truth(task)
-    settings = RewardSettings(True, 48, 16, code_timeout_s=10.0)
+    settings = reward_settings(strict_answer=True, code_tests={"timeout_s": 10.0})
     start = time.perf_counter()
     score_completions([Sample(slow, truth, 1, "stop")], {"code_tests": 1.0}, settings)
     one = time.perf_counter() - start

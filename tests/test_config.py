@@ -103,3 +103,31 @@ def test_params_yaml_is_the_one_source_of_values():
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="nope.yaml: parameters file not found"):
         load_params(tmp_path / "nope.yaml")
+
+
+# (library callable, its parameter) -> the params.yaml key the pipeline sets it from. A library default that
+# differs from params.yaml would give a user calling the library one result and `dvc repro` another.
+def _library_defaults():
+    import inspect
+
+    from grpo import group_advantages, kl_divergence, policy_loss
+    from grpo.environments.code_tasks import code_tests_score, score_many
+    from grpo.environments.sandbox import run_python
+
+    pairs = [((group_advantages, "scale"), "advantage.scale"), ((group_advantages, "eps"), "advantage.eps"),
+             ((kl_divergence, "estimator"), "loss.kl_estimator"),
+             *[((policy_loss, name), f"loss.{name}")
+               for name in ("beta", "clip_low", "clip_high", "kl_estimator", "aggregation", "importance")]]
+    for fn in (code_tests_score, score_many, run_python):
+        pairs += [((fn, "timeout_s"), "reward.code_tests.timeout_s"), ((fn, "memory_mb"), "reward.code_tests.memory_mb"),
+                  ((fn, "sandbox"), "reward.sandbox")]
+    return [(f"{fn.__name__}({name}=...)", inspect.signature(fn).parameters[name].default, key)
+            for (fn, name), key in pairs]
+
+
+@pytest.mark.parametrize("where, value, key", _library_defaults(), ids=lambda x: x if isinstance(x, str) else "")
+def test_library_defaults_equal_params_yaml(where, value, key):
+    data = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for part in key.split("."):
+        data = data[part]
+    assert value == data, f"{where} defaults to {value!r} but params.yaml {key} is {data!r}"

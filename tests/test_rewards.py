@@ -9,12 +9,13 @@ import time
 
 import pytest
 
-from grpo.environments.rewards import REWARD_FUNCTIONS, RewardSettings, Sample, correctness, final_answer, format_reward, overlong_penalty
+from grpo.environments.answers import final_answer
+from grpo.environments.rewards import REWARD_FUNCTIONS, RewardSettings, Sample, correctness, format_reward, overlong_penalty
 from grpo.environments.scoring import score_completions
-from tests.project import ROOT
+from tests.project import ROOT, reward_settings
 
-STRICT = RewardSettings(strict_answer=True, max_completion_tokens=48, overlong_buffer=16)
-LENIENT = RewardSettings(strict_answer=False, max_completion_tokens=48, overlong_buffer=16)
+STRICT = reward_settings(strict_answer=True, max_completion_tokens=48, overlong_buffer=16)
+LENIENT = reward_settings(strict_answer=False, max_completion_tokens=48, overlong_buffer=16)
 
 
 def sample(text: str, truth: str = "42", tokens: int = 10, finish: str = "stop") -> Sample:
@@ -76,8 +77,9 @@ def test_scoring_weights_rewards_and_records_errors():
 def test_math_verify_times_out_instead_of_hanging():
     """A ground truth whose evaluation never ends (10^10^10^10) scores 0 after math-verify's timeout; with the
     timeouts off, scoring hangs (the subprocess would hit the 120 s limit)."""
-    code = ("from grpo.environments.rewards import RewardSettings, Sample, correctness\n"
-            "print(correctness(Sample('#### 5', '$10^{10^{10^{10}}}$', 3, 'stop'), RewardSettings(True, 48, 16)))")
+    code = ("from grpo.environments.rewards import Sample, correctness\n"
+            "from tests.project import reward_settings\n"
+            "print(correctness(Sample('#### 5', '$10^{10^{10^{10}}}$', 3, 'stop'), reward_settings(strict_answer=True)))")
     start = time.monotonic()
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -88,15 +90,17 @@ def test_math_verify_times_out_instead_of_hanging():
 @pytest.mark.parametrize("strict", [True, False])
 def test_evaluate_reports_strict_and_lenient_accuracy_whatever_the_training_reward(strict):
     """eval/accuracy follows reward.strict_answer; eval/accuracy_strict and eval/accuracy_lenient never move."""
-    from types import SimpleNamespace
+    import dataclasses
 
+    from grpo.config import load_params
     from pipeline.evaluate import answer_scores
 
     samples = [Sample("3 + 4 = 7\n#### 7", "7", 9, "stop"),  # right, stated as asked
                Sample("3 + 4 = 7. The answer is 7", "7", 10, "stop"),  # right, not as asked
                Sample("#### 8", "7", 3, "stop")]  # wrong, formatted
-    params = SimpleNamespace(reward=SimpleNamespace(strict_answer=strict, overlong_buffer=16))
-    columns, metrics = answer_scores(samples, params, SimpleNamespace(max_new_tokens=48))
+    params = load_params(ROOT / "params.yaml")
+    params = dataclasses.replace(params, reward=dataclasses.replace(params.reward, strict_answer=strict))
+    columns, metrics = answer_scores(samples, params, params.eval)
     assert metrics["eval/accuracy_strict"] == pytest.approx(1 / 3)
     assert metrics["eval/accuracy_lenient"] == pytest.approx(2 / 3)
     assert metrics["eval/accuracy"] == pytest.approx(1 / 3 if strict else 2 / 3)

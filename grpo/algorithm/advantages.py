@@ -48,18 +48,18 @@ def group_stats(rewards: torch.Tensor, group_ids: Sequence[Hashable]) -> GroupSt
     if len(group_ids) != rewards.numel():
         raise ValueError(f"group_ids has {len(group_ids)} entries but rewards has {rewards.numel()}")
     index = group_index(group_ids, rewards.device)  # every tensor below lives on the rewards' device
-    k = len(set(group_ids))
+    num_groups = len(set(group_ids))
 
     def per_group_sum(x: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(k, dtype=x.dtype, device=x.device).index_add_(0, index, x)[index]
+        return torch.zeros(num_groups, dtype=x.dtype, device=x.device).index_add_(0, index, x)[index]
 
     size = per_group_sum(torch.ones_like(rewards))
     mean = per_group_sum(rewards) / size
     # unbiased: sum (r - mean)^2 / (n - 1); a group of one has no spread
     sq_dev = per_group_sum((rewards - mean) ** 2)
     std = torch.where(size > 1, sq_dev / (size - 1).clamp(min=1), torch.zeros_like(sq_dev)).sqrt()
-    r_max = rewards.new_full((k,), -torch.inf).scatter_reduce_(0, index, rewards, "amax")[index]
-    r_min = rewards.new_full((k,), torch.inf).scatter_reduce_(0, index, rewards, "amin")[index]
+    r_max = rewards.new_full((num_groups,), -torch.inf).scatter_reduce_(0, index, rewards, "amax")[index]
+    r_min = rewards.new_full((num_groups,), torch.inf).scatter_reduce_(0, index, rewards, "amin")[index]
     degenerate = (r_max == r_min) | (size < 2)
     return GroupStats(index=index, size=size, mean=mean, std=std, degenerate=degenerate)
 

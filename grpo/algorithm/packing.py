@@ -67,9 +67,9 @@ def collate(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequen
         input_ids[i, p : p + l] = completions[i]
         attention[i, p - len(prompt) : p + len(completion)] = 1
     position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
-    k = l + 1  # columns p - 1 .. p + l - 1; column p - 1 + t predicts completion token t
-    index = torch.arange(b)[:, None] * k + torch.arange(l)[None, :]
-    return Batch(input_ids, attention, position_ids, completions, completion_mask, k, index).to(device)
+    width = l + 1  # columns p - 1 .. p + l - 1; column p - 1 + t predicts completion token t
+    index = torch.arange(b)[:, None] * width + torch.arange(l)[None, :]
+    return Batch(input_ids, attention, position_ids, completions, completion_mask, width, index).to(device)
 
 
 def pack(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]], pad_id: int,
@@ -80,7 +80,7 @@ def pack(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[
     p = max(len(x) for x in prompt_ids)
     completions, completion_mask = _completion_table(completion_ids, pad_id)
     total = max(sum(len(completion_ids[b]) for b in members) for members in rows)
-    s, t, k = len(rows), p + total, total + 1  # logits of columns p - 1 .. t - 1
+    s, t, width = len(rows), p + total, total + 1  # logits of columns p - 1 .. t - 1
     input_ids = torch.full((s, t), pad_id, dtype=torch.long)
     position_ids = torch.zeros((s, t), dtype=torch.long)
     segment = torch.full((s, t), -1, dtype=torch.long)  # -1 padding, 0 the prompt, j + 1 completion j
@@ -98,14 +98,14 @@ def pack(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[
             segment[r, start : start + n] = j + 1
             # token 0 is predicted by the prompt's last column (p - 1), token i > 0 by column start + i - 1
             columns = torch.cat([torch.tensor([p - 1]), torch.arange(start, start + n - 1)])[:n]
-            index[b, :n] = r * k + columns - (p - 1)
+            index[b, :n] = r * width + columns - (p - 1)
             start += n
     query, key = segment[:, :, None], segment[:, None, :]
     causal = torch.ones(t, t, dtype=torch.bool).tril()
     allowed = causal & (key >= 0) & ((key == 0) | (key == query))
     # a padding column attends to itself only: every row of the mask has a key, so no NaN enters the pass
     allowed |= torch.eye(t, dtype=torch.bool) & (query < 0)
-    return Batch(input_ids, allowed[:, None], position_ids, completions, completion_mask, k, index).to(device)
+    return Batch(input_ids, allowed[:, None], position_ids, completions, completion_mask, width, index).to(device)
 
 
 def attention_mask_for(model, batch: Batch) -> torch.Tensor:

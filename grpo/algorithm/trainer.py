@@ -127,8 +127,8 @@ class Precomputed:
 
 def _padded(rows: list[torch.Tensor], idx: list[int], width: int, like: torch.Tensor) -> torch.Tensor:
     out = torch.zeros(len(idx), width, dtype=like.dtype, device=like.device)
-    for k, i in enumerate(idx):
-        out[k, : len(rows[i])] = rows[i]
+    for row, i in enumerate(idx):
+        out[row, : len(rows[i])] = rows[i]
     return out
 
 

@@ -27,11 +27,11 @@ import codecs
 import json
 import math
 import random
-import re
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 
+from grpo.environments.answers import MARKER, ground_truth_number
 from grpo.environments.code_tasks import parse_ground_truth as parse_code_task
 from grpo.errors import InputError
 
@@ -118,10 +118,6 @@ def _describe(value) -> str:
     return f"{kind} ({_short(value)})"
 
 
-# N in '#### N': digits, optionally a minus sign, thousands commas (1,000) and decimals (2.5)
-_NUMBER = re.compile(r"\s*(-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)\s*")
-
-
 def _question_problem(value) -> str | None:
     expected = "expected a non-empty string"
     if value is None:
@@ -151,19 +147,19 @@ def parse_answer(value, gsm8k: bool = False) -> tuple[str | None, str | None]:
         text = str(value)
     if not text.strip():
         return None, f"is {'empty' if text == '' else 'blank (whitespace only)'}; {expected}"
-    if "####" not in text:
+    if MARKER not in text:
         if gsm8k:
             return None, (f"has no final line '#### N' (GSM8K format: the solution, then '#### <number>'); "
                           f"it ends with {_short(text.strip()[-40:])}")
         return text.strip(), None
-    before, after = text.rsplit("####", 1)
-    number = _NUMBER.fullmatch(after)
+    before, after = text.rsplit(MARKER, 1)
+    number = ground_truth_number(after)
     if number is None:
         got = f"by {_short(after.strip(), 40)}" if after.strip() else "by nothing"
         return None, f"'####' is followed {got}; expected '#### N' with N a number (like 42, -3, 1,000 or 2.5)"
     if gsm8k and before.rsplit("\n", 1)[-1].strip():
         return None, "'#### N' is not on a line of its own (GSM8K format: the solution, then a final line '#### N')"
-    return number.group(1).replace(",", ""), None
+    return number, None
 
 
 def parse_tests(value) -> tuple[str | None, str | None]:

@@ -22,12 +22,12 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from grpo.environments.answers import ANSWER_INSTRUCTION
 from grpo.environments.code_tasks import humaneval_ground_truth, humaneval_tasks, parse_ground_truth
 from grpo.errors import InputError
 from grpo.environments.prompt_files import PromptFile, read_prompts_source, split_rows
 from grpo.environments.reasoning_gym_tasks import reasoning_gym_rows
 
-ANSWER_INSTRUCTION = "Give the final answer on the last line as: #### <number>"
 
 
 def code_instruction(entry_point: str) -> str:

@@ -1,7 +1,7 @@
 """Verifiable rewards: functions (Sample, RewardSettings) -> float, registered by name.
 
-`correctness` checks the final answer with math-verify (numbers, "1,000", fractions, LaTeX). With
-`strict_answer` (the default) only the '#### N' line the prompts ask for counts; otherwise "the answer is N",
+`correctness` checks the final answer (grpo.environments.answers) with math-verify (numbers, "1,000", fractions,
+LaTeX). With reward.strict_answer only the '#### N' line the prompts ask for counts; otherwise "the answer is N",
 \\boxed{N}, and as a last resort the last number in the text are accepted too. The lenient fallback pays a
 completion that never states an answer (one cut off mid-calculation ends in some number), so a policy
 trained on it learns to drop the format.
@@ -28,13 +28,13 @@ calls once for all samples instead of the per-sample function: code_tests's runs
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from grpo.environments import code_tasks, reasoning_gym_tasks
+from grpo.environments.answers import LENIENT_ANSWERS, NUMBER, STATED_ANSWER, final_answer
+from grpo.config import RewardConfig
 from grpo.registry import Registry
-from grpo.environments.sandbox import DEFAULT_MEMORY_MB, DEFAULT_TIMEOUT_S
 
 # math-verify stops a parse or a comparison after this many seconds (SIGALRM: stages score in their main
 # thread). Without it, a completion or answer such as 10^{10^{10^{10}}} hangs scoring for good.
@@ -53,14 +53,10 @@ class Sample:
 
 @dataclass(frozen=True)
 class RewardSettings:
-    strict_answer: bool  # reward.strict_answer
+    """What the reward functions read: params.yaml's reward section as it is, and the completions' length limit."""
+
+    reward: RewardConfig  # strict_answer, overlong_buffer (DAPO's L_cache), code_tests, sandbox
     max_completion_tokens: int  # rollout.max_new_tokens (DAPO's L_max)
-    overlong_buffer: int  # reward.overlong_buffer (DAPO's L_cache)
-    # code_tests (reward.code_tests, reward.sandbox); the stages always set them from params.yaml
-    code_all_or_nothing: bool = True
-    code_timeout_s: float = DEFAULT_TIMEOUT_S
-    code_memory_mb: int = DEFAULT_MEMORY_MB
-    sandbox: str = "bwrap"  # "none": UNSAFE, model code runs unconfined (grpo.environments.sandbox)
 
 
 @dataclass(frozen=True)
@@ -77,40 +73,13 @@ REWARD_FUNCTIONS: Registry[RewardFn] = Registry("reward function")
 # name -> the batch form of the reward of that name in REWARD_FUNCTIONS (scoring prefers it)
 BATCH_REWARD_FUNCTIONS: Registry[BatchRewardFn] = Registry("batch reward function")
 
-STATED_ANSWER = re.compile(r"####\s*([^\n]+)")  # "#### 42": the format the prompts ask for (GSM8K's)
-# accepted too when not strict: "The answer is 42", "\boxed{42}"
-_LENIENT_PATTERNS = [re.compile(r"answer is[:\s]*\$?([^\n]+)", re.IGNORECASE), re.compile(r"\\boxed\{([^{}]+)\}")]
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-
-
-def final_answer(text: str, *, strict: bool = True) -> str | None:
-    """The completion's stated final answer: the number of its last '#### X' line. Not strict: else its last
-    'answer is X' / boxed X, else its last number. None if it states none."""
-    for pattern in [STATED_ANSWER] + ([] if strict else _LENIENT_PATTERNS):
-        matches = pattern.findall(text)
-        if matches:
-            numbers = _NUMBER.findall(matches[-1])
-            return numbers[0] if numbers else (None if strict else matches[-1].strip())
-    if strict:
-        return None
-    numbers = _NUMBER.findall(text)
-    return numbers[-1] if numbers else None
-
-
-def gsm8k_ground_truth(answer: str) -> str:
-    """'... #### 1,000' -> '1000' (GSM8K's answer field ends with the final answer after '####')."""
-    if "####" not in answer:
-        raise ValueError(f"answer has no '#### N' final line: {answer[-80:]!r}")
-    return answer.rsplit("####", 1)[1].strip().replace(",", "")
-
-
 @REWARD_FUNCTIONS.register("correctness")
 def correctness(sample: Sample, settings: RewardSettings) -> float:
     from math_verify import parse, verify
 
     # math-verify logs each timeout and unparsable answer; the reward (0) says enough
     logging.getLogger("math_verify").setLevel(logging.ERROR)
-    answer = final_answer(sample.completion, strict=settings.strict_answer)
+    answer = final_answer(sample.completion, strict=settings.reward.strict_answer)
     if answer is None:
         return 0.0
     gold = parse(sample.ground_truth, parsing_timeout=MATH_VERIFY_TIMEOUT_S)
@@ -126,14 +95,14 @@ def format_reward(sample: Sample, settings: RewardSettings) -> float:
     if not lines:
         return 0.0
     last = lines[-1]
-    patterns = [STATED_ANSWER] + ([] if settings.strict_answer else _LENIENT_PATTERNS[:1])
-    return 1.0 if any(p.search(last) for p in patterns) and _NUMBER.search(last) else 0.0
+    patterns = [STATED_ANSWER] + ([] if settings.reward.strict_answer else LENIENT_ANSWERS[:1])
+    return 1.0 if any(p.search(last) for p in patterns) and NUMBER.search(last) else 0.0
 
 
 @REWARD_FUNCTIONS.register("overlong")
 def overlong_penalty(sample: Sample, settings: RewardSettings) -> float:
     """DAPO's soft overlong punishment: 0, then linearly down to -1 over the last overlong_buffer tokens."""
-    limit, buffer = settings.max_completion_tokens, settings.overlong_buffer
+    limit, buffer = settings.max_completion_tokens, settings.reward.overlong_buffer
     length = sample.completion_tokens
     if length <= limit - buffer:
         return 0.0
@@ -161,8 +130,9 @@ def code_tests_batch(samples: Sequence[Sample], settings: RewardSettings) -> lis
         except ValueError as e:
             results[i] = RewardResult(0.0, f"ValueError: {e}")
     scores = code_tasks.score_many([samples[i].completion for i in runnable], [samples[i].ground_truth for i in runnable],
-                                   all_or_nothing=settings.code_all_or_nothing, timeout_s=settings.code_timeout_s,
-                                   memory_mb=settings.code_memory_mb, sandbox=settings.sandbox)
+                                   all_or_nothing=settings.reward.code_tests.all_or_nothing,
+                                   timeout_s=settings.reward.code_tests.timeout_s,
+                                   memory_mb=settings.reward.code_tests.memory_mb, sandbox=settings.reward.sandbox)
     for i, (score, error) in zip(runnable, scores):
         results[i] = RewardResult(score, error)
     return results

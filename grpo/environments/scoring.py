@@ -71,11 +71,7 @@ def _as_pair(result: float | RewardResult) -> tuple[float, str | None]:
 
 def reward_settings(params) -> RewardSettings:
     """The reward functions' settings from the typed params (grpo.config.Params)."""
-    reward = params.reward
-    return RewardSettings(strict_answer=reward.strict_answer, max_completion_tokens=params.rollout.max_new_tokens,
-                          overlong_buffer=reward.overlong_buffer, code_all_or_nothing=reward.code_tests.all_or_nothing,
-                          code_timeout_s=reward.code_tests.timeout_s, code_memory_mb=reward.code_tests.memory_mb,
-                          sandbox=reward.sandbox)
+    return RewardSettings(params.reward, max_completion_tokens=params.rollout.max_new_tokens)
 
 
 def check_reward_requirements(reward) -> None:

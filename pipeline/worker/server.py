@@ -170,7 +170,10 @@ def serve(cache_gb: float) -> None:
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    import pipeline.worker
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.worker", description=pipeline.worker.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stop", action="store_true", help="stop the worker serving this folder")
     parser.add_argument("--cache-gb", type=float, default=8.0,
                         help="memory for the checkpoints it keeps (least recently used leave first)")
