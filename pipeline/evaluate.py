@@ -3,13 +3,9 @@
     python -m pipeline.evaluate --iteration 0 --policy data/checkpoints/0 --prompts data/prompts.parquet \
         --out data/eval/0.parquet --metrics data/metrics/0/evaluate.json
 
-What is measured follows the held-out tasks' ground truth (grpo.environments.scoring.ground_truth_kind):
-    answers        eval/accuracy (correctness as reward.strict_answer reads it), eval/accuracy_strict (the
-                   '#### N' line only), eval/accuracy_lenient, eval/format_rate
-    code tasks     eval/pass_rate: the fraction whose greedy program passes every test (code_tests with
-                   all_or_nothing, in the sandbox, with reward.code_tests' limits and reward.sandbox)
-    reasoning-gym  eval/accuracy: the mean of the generators' verifier scores; eval/format_rate: the fraction
-                   that state an answer (<answer>...</answer> or '#### ...')
+What is measured follows the held-out tasks' ground truth: grpo/environments/evaluation.py (eval/accuracy,
+eval/accuracy_strict, eval/format_rate for answers; eval/pass_rate for code tasks; the verifiers' scores for
+reasoning-gym), plus eval/truncated_ratio and eval/mean_length.
 """
 
 from __future__ import annotations
@@ -19,21 +15,20 @@ from pipeline.worker.client import delegate
 if __name__ == "__main__":
     delegate("pipeline.evaluate")  # a running worker (pipeline/worker/) runs the stage and this exits; else it runs here
 
-import dataclasses
 import time
 
 import pandas as pd
 
-from grpo.errors import InputError
+from grpo.backends import SamplingSpec, backend_options, make_backend, select_backend
 from grpo.config import load_params
+from grpo.contracts import PROMPTS, read_table
+from grpo.environments.evaluation import HELD_OUT_SCORERS
+from grpo.environments.rewards import Sample
+from grpo.environments.scoring import ground_truth_kind
+from grpo.errors import InputError
+from grpo.models.atomic import atomic_write, write_json
 from grpo.models.cache import CheckpointCache
 from grpo.models.loading import checkpoint_info
-from grpo.contracts import PROMPTS, read_table
-from grpo.models.atomic import atomic_write, write_json
-from grpo.backends import SamplingSpec, backend_options, make_backend, select_backend
-from grpo.environments.reasoning_gym_tasks import extract_answer
-from grpo.environments.rewards import RewardSettings, Sample
-from grpo.environments.scoring import ground_truth_kind, reward_settings, score_completions
 from pipeline.stage import iteration_parser, run, stage
 
 
@@ -75,7 +70,7 @@ def main(argv: list[str] | None = None, *, cache: CheckpointCache | None = None)
             "completion": [c.text for c in completions], "completion_tokens": [len(c.token_ids) for c in completions],
             "finish_reason": [c.finish_reason for c in completions],
         })
-        columns, metrics = SCORERS[kinds[0]](samples, params, e)
+        columns, metrics = HELD_OUT_SCORERS.get(kinds[0])(samples, params)
         for name, values in columns.items():
             results[name] = values
         results["checkpoint_id"] = checkpoint_info(args.policy)["checkpoint_id"]
@@ -89,48 +84,6 @@ def main(argv: list[str] | None = None, *, cache: CheckpointCache | None = None)
         write_json(args.metrics, metrics)
         headline = "eval/pass_rate" if "eval/pass_rate" in metrics else "eval/accuracy"
         log.update(**{headline.split("/")[1]: f"{metrics[headline]:.3f}"}, problems=len(results))
-
-
-def answer_scores(samples: list[Sample], params, e) -> tuple[dict, dict]:
-    """Correctness as the training reward counts it (reward.strict_answer), leniently for comparison, and the
-    format: (per-problem columns, metrics)."""
-    settings = {strict: RewardSettings(dataclasses.replace(params.reward, strict_answer=strict), e.max_new_tokens)
-                for strict in (True, False)}
-    # format reads the '#### N' line whatever strict_answer says: the lenient pass needs correctness only
-    scores = {True: score_completions(samples, {"correctness": 1.0, "format": 1.0}, settings[True]),
-              False: score_completions(samples, {"correctness": 1.0}, settings[False])}
-    correct = {strict: [v == 1.0 for v in scores[strict]["reward_correctness"]] for strict in (True, False)}
-    columns = {"correct": correct[params.reward.strict_answer], "correct_strict": correct[True],
-               "correct_lenient": correct[False], "format_ok": [v == 1.0 for v in scores[True]["reward_format"]]}
-    return columns, {"eval/accuracy": _mean(columns["correct"]), "eval/accuracy_strict": _mean(columns["correct_strict"]),
-                     "eval/accuracy_lenient": _mean(columns["correct_lenient"]),
-                     "eval/format_rate": _mean(columns["format_ok"])}
-
-
-def code_scores(samples: list[Sample], params, e) -> tuple[dict, dict]:
-    """Pass@1 of the greedy programs: every test must pass (all_or_nothing), whatever the training reward
-    counts. The reason a program fails is kept per problem ("error")."""
-    reward = dataclasses.replace(params.reward, code_tests=dataclasses.replace(params.reward.code_tests, all_or_nothing=True))
-    settings = RewardSettings(reward, max_completion_tokens=params.rollout.max_new_tokens)
-    scores = score_completions(samples, {"code_tests": 1.0}, settings)
-    columns = {"correct": [v == 1.0 for v in scores["reward_code_tests"]], "error": scores["reward_error"]}
-    return columns, {"eval/pass_rate": _mean(columns["correct"])}
-
-
-def reasoning_gym_scores(samples: list[Sample], params, e) -> tuple[dict, dict]:
-    """The generators' own verifiers (some give partial credit: accuracy is the mean score)."""
-    scores = score_completions(samples, {"reasoning_gym": 1.0}, reward_settings(params))
-    columns = {"score": scores["reward_reasoning_gym"], "correct": [v == 1.0 for v in scores["reward_reasoning_gym"]],
-               "answer_stated": [extract_answer(s.completion) is not None for s in samples],
-               "error": scores["reward_error"]}
-    return columns, {"eval/accuracy": _mean(columns["score"]), "eval/format_rate": _mean(columns["answer_stated"])}
-
-
-def _mean(values) -> float:
-    return float(sum(values) / len(values)) if len(values) else 0.0
-
-
-SCORERS = {"answer": answer_scores, "code_tests": code_scores, "reasoning_gym": reasoning_gym_scores}
 
 
 if __name__ == "__main__":

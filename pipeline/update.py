@@ -21,22 +21,21 @@ if __name__ == "__main__":
 import sys
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from grpo.config import load_params
 from grpo.contracts import ADVANTAGES, read_table
-from grpo.models.checkpoints import load_optimizer_state, load_trainer_state, save_checkpoint
-from grpo.distributed import World, barrier, relaunch, shard_model, start, stop, under_torchrun
-from grpo.errors import USER_ERROR_EXIT, ConfigError, InputError, UserError
-from grpo.models.lora import (ReferenceView, add_adapter, base_dir, describe_base, is_adapter_dir, load_adapter, relative_base,
-                       trainable_parameters)
-from grpo.models.cache import CheckpointCache
-from grpo.models.loading import checkpoint_info, load_checkpoint, resolve_device, use_fast_attention
 from grpo.algorithm.trainer import Rollouts, UpdateConfig, grpo_update
+from grpo.distributed import World, barrier, relaunch, start, stop, under_torchrun
+from grpo.errors import USER_ERROR_EXIT, InputError, UserError
 from grpo.models.atomic import write_json
+from grpo.models.cache import CheckpointCache
+from grpo.models.checkpoints import load_optimizer_state, load_trainer_state, save_checkpoint
+from grpo.models.loading import checkpoint_info, resolve_device
+from grpo.models.lora import describe_base, relative_base, trainable_parameters
+from grpo.models.training import load_update_models
 from pipeline.stage import iteration_parser, run, stage
 
 
@@ -68,48 +67,6 @@ def main(argv: list[str] | None = None, *, cache: CheckpointCache | None = None)
         stop(world)
 
 
-def load_policy(args, params, cache: CheckpointCache | None):
-    """(policy, tokenizer, base folder). Full fine-tuning: checkpoint k-1's weights, all trained. LoRA: the base
-    with checkpoint k-1's adapter, or, from the base itself, a new adapter; only the adapter is trained."""
-    lora = params.model.lora
-    adapter = is_adapter_dir(args.policy)
-    if lora is None and adapter:
-        raise ConfigError(f"model.lora is null but {args.policy} is a LoRA adapter checkpoint; set model.lora as "
-                          "in the run that wrote it, or start again from data/checkpoints/0")
-    if lora is None:
-        policy, tokenizer = load_checkpoint(args.policy, to_train=True, cache=cache)
-        return policy, tokenizer, None
-    if adapter:
-        base = base_dir(args.policy, checkpoint_info(args.policy))
-        model, tokenizer = load_checkpoint(base, cache=cache)
-        return load_adapter(model, args.policy, trainable=True), tokenizer, base
-    base, tokenizer = load_checkpoint(args.policy, cache=cache)
-    return add_adapter(base, lora), tokenizer, Path(args.policy).resolve()
-
-
-def load_models(args, params, world: World, cache: CheckpointCache | None):
-    """The policy (float32 weights, trained) and the frozen reference (no gradients; bf16 when optim.bf16,
-    else float32), each on this rank's device, sharded over the ranks when there are several. With LoRA the
-    reference is the policy with its adapter switched off: the base, not loaded twice."""
-    o = params.optim
-    policy, tokenizer, base = load_policy(args, params, cache)
-    if o.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    use_fast_attention(policy, world.device)
-    policy = shard_model(policy.train(), world)
-    reference = None
-    if params.loss.beta != 0.0 and base is not None:
-        if base != Path(args.reference).resolve():
-            raise InputError(f"LoRA: the reference {args.reference} is not the base of {args.policy} ({base}); "
-                             "with LoRA the KL reference is the base model (the adapter switched off)")
-        reference = ReferenceView(policy)
-    elif params.loss.beta != 0.0:
-        reference, _ = load_checkpoint(args.reference, dtype=torch.bfloat16 if o.bf16 else torch.float32, cache=cache)
-        use_fast_attention(reference, world.device)
-        reference = shard_model(reference.eval().requires_grad_(False), world)
-    return policy, reference, tokenizer, base
-
-
 def update(args, params, world: World, cache: CheckpointCache | None) -> None:
     k, o, lcfg = args.iteration, params.optim, params.loss
     torch.manual_seed(params.train.seed * 1_000_003 + k)
@@ -118,7 +75,8 @@ def update(args, params, world: World, cache: CheckpointCache | None) -> None:
         began = time.perf_counter()
         table = read_table(args.advantages, ADVANTAGES).to_pandas()
         table = table[table["kept"]].reset_index(drop=True)
-        policy, reference, tokenizer, base = load_models(args, params, world, cache)
+        policy, reference, tokenizer, base = load_update_models(args.policy, args.reference, lora=params.model.lora,
+                                                                optim=o, beta=lcfg.beta, world=world, cache=cache)
         # only what trains has AdamW moments: every weight, or (LoRA) the adapter's A and B
         # fused: one kernel over all parameters (CPU and CUDA; FSDP2's DTensors too), ~5x faster a step on this CPU
         optimizer = torch.optim.AdamW(trainable_parameters(policy), lr=o.learning_rate, weight_decay=o.weight_decay,

@@ -93,14 +93,14 @@ def test_evaluate_reports_strict_and_lenient_accuracy_whatever_the_training_rewa
     import dataclasses
 
     from grpo.config import load_params
-    from pipeline.evaluate import answer_scores
+    from grpo.environments.evaluation import answer_scores
 
     samples = [Sample("3 + 4 = 7\n#### 7", "7", 9, "stop"),  # right, stated as asked
                Sample("3 + 4 = 7. The answer is 7", "7", 10, "stop"),  # right, not as asked
                Sample("#### 8", "7", 3, "stop")]  # wrong, formatted
     params = load_params(ROOT / "params.yaml")
     params = dataclasses.replace(params, reward=dataclasses.replace(params.reward, strict_answer=strict))
-    columns, metrics = answer_scores(samples, params, params.eval)
+    columns, metrics = answer_scores(samples, params)
     assert metrics["eval/accuracy_strict"] == pytest.approx(1 / 3)
     assert metrics["eval/accuracy_lenient"] == pytest.approx(2 / 3)
     assert metrics["eval/accuracy"] == pytest.approx(1 / 3 if strict else 2 / 3)
