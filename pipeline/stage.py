@@ -25,7 +25,7 @@ class StageLog(dict):
     startup_seconds: float  # from the process's start to the stage's body: interpreter start-up and imports
 
 
-STARTED_AT: float | None = None  # set by pipeline/worker.py: when the stage's own (delegating) process started
+STARTED_AT: float | None = None  # set by pipeline/worker/server.py: when the stage's own (delegating) process started
 
 
 def process_age() -> float:

@@ -1,4 +1,4 @@
-"""pipeline/worker.py: `dvc repro` with its stages run by a long-lived worker writes what the stages write on
+"""pipeline/worker/: `dvc repro` with its stages run by a long-lived worker writes what the stages write on
 their own (so DVC's cache holds either way), loads checkpoints from memory, and a killed stage process stops
 its stage in the worker without leaving output behind."""
 
