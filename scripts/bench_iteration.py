@@ -83,7 +83,7 @@ def sh(cmd: list[str], cwd: Path, log: Path, env: dict | None = None) -> float:
 
 
 def start_worker(ours: Path, log: Path) -> tuple[subprocess.Popen, float]:
-    """`python -m pipeline.worker` in our clone (README, "A worker for faster iterations"); its start-up seconds."""
+    """`python -m pipeline.worker` in our clone (docs/worker.md); its start-up seconds."""
     start = time.perf_counter()
     with log.open("a") as out:
         worker = subprocess.Popen([sys.executable, "-m", "pipeline.worker"], cwd=ours, stdout=out,

@@ -1,4 +1,4 @@
-"""A picture of a GRPO flow run in the Prefect UI, for the README.
+"""A picture of a GRPO flow run in the Prefect UI, for docs/prefect.md.
 
 Starts a Prefect server (UI on) on a free loopback port with its own PREFECT_HOME, runs a short grpo-train
 flow against it (a tiny random model in a throwaway copy of the project, so it takes a minute or two on a

@@ -84,7 +84,7 @@ def kill_while_running(proc: subprocess.Popen, module: str, iteration: int, *, d
     """SIGKILL the process group of `proc` (a `dvc repro` started with start_new_session=True) `delay` seconds
     after the stage command `python -m <module> --iteration <iteration>` has started under it: the kill hits a
     stage at work. (A kill while DVC itself writes .dvc/tmp/rwlock leaves that file empty and the next
-    `dvc repro` refuses to start, a DVC bug, treeverse/dvc#7615; README, "Resume".)"""
+    `dvc repro` refuses to start, a DVC bug, treeverse/dvc#7615; docs/troubleshooting.md.)"""
     import time
 
     import psutil

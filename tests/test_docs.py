@@ -1,5 +1,6 @@
-"""The README and data/README.md name only things that exist: project files, `python -m` modules, scripts,
-params.yaml keys, stage names and the metrics the stages write."""
+"""The README, data/README.md and every docs/*.md page name only things that exist: project files, `python -m`
+modules, scripts, params.yaml keys and the data paths the stages write. The README stays a front page (at most
+250 lines, a map of the code, a link to every docs page), and no page names a commit hash in its prose."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ["README.md", "data/README.md"]
+DOCS = ["README.md", "data/README.md"] + sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md"))
+README_MAX_LINES = 250
 SECTIONS = ("model", "prompts", "rollout", "reward", "advantage", "loss", "optim", "train", "eval")
 CODE_DIRS = ("grpo/", "pipeline/", "flows/", "scripts/", "tests/", "docs/", "data/raw", ".dvc/", ".ci/")
 
@@ -51,7 +53,9 @@ def test_every_python_module_command_in_the_docs_exists(doc):
     missing = []
     for span in spans(doc):
         for module in re.findall(r"python3? -m ((?:grpo|pipeline|flows)(?:\.\w+)+)", span):
-            if not (ROOT / (module.replace(".", "/") + ".py")).exists():
+            path = ROOT / module.replace(".", "/")
+            # a module file, or a package run by its __main__.py (python -m pipeline.worker)
+            if not (path.with_suffix(".py").exists() or (path / "__main__.py").exists()):
                 missing.append(module)
     assert not missing, f"{doc} runs modules that do not exist: {missing}"
 
@@ -104,9 +108,76 @@ def test_every_output_path_in_the_docs_is_a_stage_output(doc):
     assert not wrong, f"{doc} names data paths no stage writes: {sorted(set(wrong))}"
 
 
-def test_the_readme_map_names_every_library_and_flow_module():
+def readme_map() -> str:
+    """The README's map of the code: the section "## Where things live", up to the next section."""
     text = (ROOT / "README.md").read_text()
-    block = text[text.index("## What is here"):text.index("## The algorithm")]
-    modules = [p for d in ("grpo", "grpo/backends", "flows") for p in (ROOT / d).glob("*.py") if p.name != "__init__.py"]
+    start = text.index("## Where things live")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end >= 0 else len(text)]
+
+
+def test_the_readme_map_names_every_library_pipeline_and_flow_module():
+    block = readme_map()
+    modules = [p for d in ("grpo", "pipeline", "flows") for p in (ROOT / d).rglob("*.py")
+               if p.name != "__init__.py" and "__pycache__" not in p.parts]
     missing = [p.relative_to(ROOT).as_posix() for p in modules if p.name not in block]
-    assert not missing, f"README's 'What is here' does not mention {missing}"
+    packages = [p for d in ("grpo", "pipeline") for p in (ROOT / d).iterdir() if (p / "__init__.py").exists()]
+    missing += [p.relative_to(ROOT).as_posix() + "/" for p in packages if p.name + "/" not in block]
+    assert not missing, f"README's 'Where things live' does not mention {missing}"
+
+
+def test_the_readme_is_a_front_page():
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= README_MAX_LINES, f"README.md has {len(lines)} lines; move detail to docs/ (at most {README_MAX_LINES})"
+
+
+def test_the_readme_links_every_docs_page():
+    text = (ROOT / "README.md").read_text()
+    pages = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md"))
+    assert pages, "no docs/*.md page found: the glob is broken"
+    unlinked = [page for page in pages if f"]({page})" not in text]
+    assert not unlinked, f"README.md does not link {unlinked}"
+
+
+def anchors(path: Path) -> set[str]:
+    """GitHub's anchors of a Markdown file's headings: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in re.findall(r"^#+ (.+)$", text, flags=re.M)}
+
+
+def test_every_markdown_link_to_a_project_file_resolves():
+    broken = []
+    for doc in DOCS:
+        text = (ROOT / doc).read_text()
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+://|mailto:", target):
+                continue
+            file, _, anchor = target.partition("#")
+            path = (ROOT / doc).parent / file if file else ROOT / doc
+            if not path.exists() or (anchor and path.suffix == ".md" and anchor not in anchors(path)):
+                broken.append(f"{doc}: {target}")
+    assert not broken, f"links to files or headings that do not exist: {broken}"
+
+
+# A commit hash: 7-40 hex digits with at least one digit and one letter a-f, as a word of its own.
+COMMIT_HASH = re.compile(r"(?<![\w.#/-])(?=[0-9a-f]*[0-9])(?=[0-9a-f]*[a-f])[0-9a-f]{7,40}(?![\w/-])", re.I)
+
+
+def prose(doc: str) -> str:
+    """The text outside fenced code blocks, inline code spans and URLs."""
+    text = re.sub(r"```.*?```", "", (ROOT / doc).read_text(), flags=re.S)
+    text = re.sub(r"`[^`\n]+`", "", text)
+    return re.sub(r"(?:https?://|\]\()[^\s)]+", "", text)
+
+
+def test_the_hash_pattern_finds_hashes_and_only_hashes():
+    assert COMMIT_HASH.findall("measured at eb1bc2d (commit 2ae018d), then 0123456789abcdef0123456789abcdef01234567") \
+        == ["eb1bc2d", "2ae018d", "0123456789abcdef0123456789abcdef01234567"]
+    assert not COMMIT_HASH.findall("lr 5.0e-4, 1e-4, #7615, arXiv 2508.08221, 1234567, deadbeef, 0.125, bf16, 15.8 GB")
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_no_commit_hash_in_the_prose(doc):
+    found = sorted(set(COMMIT_HASH.findall(prose(doc))))
+    assert not found, (f"{doc} names commits {found}: describe a measurement by what differed (a setting, "
+                       "a change, a date), not by its commit")
