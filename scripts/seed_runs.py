@@ -8,7 +8,7 @@ Each run: a clean clone of this repository's HEAD (committed code only) in --wor
 train.seed applied (scripts/apply_params.py), `python -m pipeline.worker` started in it (the same output bytes as
 plain `dvc repro`, tests/test_worker.py), then `dvc repro` timed, with OMP_NUM_THREADS set. The worker starts
 before the timer (its imports, ~10 s, are not counted). One-thread runs go two at a time (a core each); runs with
-more threads one at a time.
+more threads one at a time. A run already finished in --workdir (its <run>.json) is read, not run again.
 
 Prints, for each run, the held-out metrics of checkpoint 0 and of the last checkpoint (eval/accuracy_strict: the
 last '#### N' is right; eval/accuracy_lenient; eval/format_rate: a last line '#### N'; eval/copied_answer_rate:
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -37,7 +38,12 @@ METRICS = ["eval/accuracy_strict", "eval/accuracy_lenient", "eval/format_rate", 
 
 def run_one(work: Path, overrides: Path | None, seed: int, threads: int) -> dict:
     name = f"seed{seed}-threads{threads}"
-    clone, log = work / name, work / f"{name}.log"
+    clone, log, done = work / name, work / f"{name}.log", work / f"{name}.json"
+    if done.exists():  # finished by an earlier invocation with this --workdir
+        print(f"{name}: done before ({done})", flush=True)
+        return json.loads(done.read_text())
+    if clone.exists():  # an unfinished earlier attempt
+        shutil.rmtree(clone)
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
     if overrides is not None:
         sh([sys.executable, "scripts/apply_params.py", str(overrides.resolve())], clone, log)
@@ -58,6 +64,7 @@ def run_one(work: Path, overrides: Path | None, seed: int, threads: int) -> dict
     result = {"run": name, "seed": seed, "threads": threads, "seconds": seconds, "last_checkpoint": last,
               "checkpoint_bytes": size, "base": {m: read(0).get(m) for m in METRICS},
               "trained": {m: read(last).get(m) for m in METRICS}}
+    done.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{name}: done in {seconds:.0f} s", flush=True)
     return result
 

@@ -11,7 +11,6 @@ Every stage imports this module before anything else, so it imports only the sta
 pipeline.stage, which does too).
 """
 
-
 from __future__ import annotations
 
 import json

@@ -15,11 +15,12 @@ import time
 from pathlib import Path
 
 from pipeline import stage
-from pipeline.worker.client import SOCKET, send_message, relevant_env, stop
+from pipeline.worker.client import SOCKET, relevant_env, send_message, stop
 
 # the stages a worker runs -> whether their main(argv, *, cache) loads checkpoints (and takes the worker's cache)
 STAGES = {"pipeline.generate": True, "pipeline.score": False, "pipeline.advantages": False, "pipeline.update": True,
           "pipeline.evaluate": True}
+
 
 class StageCancelled(BaseException):
     """The stage's process went away: stop the stage (a BaseException, so the stage's clean-up runs)."""
