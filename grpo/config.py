@@ -144,9 +144,9 @@ class RewardConfig:
         allowed="a mapping of reward function names to float weights",
         check=lambda v: len(v) > 0,
     )
-    # what correctness pays a correct answer not stated on a last line '#### N' (the format the prompts ask for)
-    # but as "the answer is N", \boxed{N} or the last number, in a completion that ended: 0 = strict, 1 = lenient
-    unformatted_credit: float = _spec(allowed="a float in [0, 1]", check=lambda v: 0 <= v <= 1)
+    # correctness reads only the '#### N' line the prompts ask for (false: also "the answer is N", \boxed{N},
+    # else the last number in the text, which pays a completion cut off mid-calculation)
+    strict_answer: bool = _spec(allowed="true or false")
     # DAPO soft overlong penalty (reward `overlong`): 0 up to max_new_tokens - overlong_buffer tokens, then
     # falling linearly to -1 at max_new_tokens
     overlong_buffer: int = _spec(**_positive_int())

@@ -3,9 +3,8 @@ draws) and PNG plots of reward, eval accuracy, KL, completion length and through
 tokens per second) against iteration.
 
 Each plot draws those of its columns that the metrics have: the reward plot the task reward of the run
-(correctness, code_tests or reasoning_gym), the held-out plot eval/accuracy (answers: stated as '#### N';
-reasoning-gym), and for answers eval/accuracy_lenient, eval/format_rate and eval/copied_answer_rate (the
-shortcuts: a dropped format, a copied number), or eval/pass_rate (code tasks).
+(correctness, code_tests or reasoning_gym), the held-out plot eval/accuracy (answers, reasoning-gym),
+eval/accuracy_strict (answers) and eval/pass_rate (code tasks).
 
     python -m pipeline.report --metrics-dir data/metrics --out data/report
 """
@@ -25,8 +24,8 @@ from pipeline.stage import run, stage
 TASK_REWARDS = ["rewards/correctness/mean", "rewards/code_tests/mean", "rewards/reasoning_gym/mean"]
 PLOTS = {  # file name -> (columns, title)
     "reward.png": (["reward", *TASK_REWARDS], "training reward"),
-    "eval_accuracy.png": (["eval/accuracy", "eval/accuracy_lenient", "eval/format_rate", "eval/copied_answer_rate",
-                           "eval/pass_rate"], "held-out greedy accuracy / pass rate, format, copied answers"),
+    "eval_accuracy.png": (["eval/accuracy", "eval/accuracy_strict", "eval/pass_rate"],
+                          "held-out greedy accuracy / pass rate"),
     "kl.png": (["kl"], "KL to the reference"),
     "completion_length.png": (["completions/mean_length"], "mean completion length (tokens)"),
     "throughput.png": (["tokens/generate_per_second", "tokens/update_per_second"], "tokens per second"),

@@ -82,13 +82,12 @@ def sh(cmd: list[str], cwd: Path, log: Path, env: dict | None = None) -> float:
     return time.perf_counter() - start
 
 
-def start_worker(ours: Path, log: Path, env: dict | None = None) -> tuple[subprocess.Popen, float]:
-    """`python -m pipeline.worker` in our clone (docs/worker.md); its start-up seconds. `env`: the stages' own
-    (the worker declines a stage whose OMP_*, CUDA_*, ... differ from its)."""
+def start_worker(ours: Path, log: Path) -> tuple[subprocess.Popen, float]:
+    """`python -m pipeline.worker` in our clone (docs/worker.md); its start-up seconds."""
     start = time.perf_counter()
     with log.open("a") as out:
         worker = subprocess.Popen([sys.executable, "-m", "pipeline.worker"], cwd=ours, stdout=out,
-                                  stderr=subprocess.STDOUT, env=env)
+                                  stderr=subprocess.STDOUT)
     while not (ours / ".grpo/worker.sock").exists():
         if worker.poll() is not None:
             sys.exit(f"error: the worker stopped ({worker.returncode}); see {log}")

@@ -29,7 +29,7 @@ def update_config(*, temperature: float = 1.0, max_completion_tokens: int = 8, s
 
 def reward_settings(*, max_completion_tokens: int = 48, **changes):
     """The reward functions' RewardSettings from the project's params.yaml reward section, with `changes` to its
-    fields (unformatted_credit=0.0, overlong_buffer=16, sandbox="none", code_tests={"timeout_s": 2.0}, ...)."""
+    fields (strict_answer=True, overlong_buffer=16, sandbox="none", code_tests={"timeout_s": 2.0}, ...)."""
     import dataclasses
 
     from grpo.config import load_params

@@ -29,7 +29,7 @@ from tests.project import ROOT, dvc, make_project, reward_settings, small_params
 
 needs_sandbox = pytest.mark.skipif(not sandbox.sandbox_available(),
                                    reason="bwrap cannot run here (see grpo.environments.sandbox.check_sandbox)")
-CODE = reward_settings(code_tests={"all_or_nothing": True, "timeout_s": 2.0, "memory_mb": 256})
+CODE = reward_settings(strict_answer=True, code_tests={"all_or_nothing": True, "timeout_s": 2.0, "memory_mb": 256})
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def test_code_tests_through_the_registry_scores_right_wrong_and_hostile_programs
 @needs_sandbox
 def test_partial_credit_and_bad_ground_truth_in_one_batch(task):
     truth = humaneval_ground_truth(task)
-    settings = reward_settings(code_tests={"all_or_nothing": False, "timeout_s": 2.0})
+    settings = reward_settings(strict_answer=True, code_tests={"all_or_nothing": False, "timeout_s": 2.0})
     columns = score_completions([Sample(programs(task)["wrong"], truth, 1, "stop"), Sample("x", "42", 1, "stop")],
                                 {"code_tests": 1.0}, settings)
     assert 0.0 < columns["reward_code_tests"][0] < 1.0  # some asserts expect False
@@ -103,7 +103,7 @@ def test_partial_credit_and_bad_ground_truth_in_one_batch(task):
 def test_the_batch_runs_programs_in_parallel(task):
     slow = f"```python\nimport time\ndef {task['entry_point']}(numbers, threshold):\n    time.sleep(1.0)\n    return 0\n```"
     truth = humaneval_ground_truth(task)
-    settings = reward_settings(code_tests={"timeout_s": 10.0})
+    settings = reward_settings(strict_answer=True, code_tests={"timeout_s": 10.0})
     start = time.perf_counter()
     score_completions([Sample(slow, truth, 1, "stop")], {"code_tests": 1.0}, settings)
     one = time.perf_counter() - start
@@ -324,7 +324,7 @@ def _params(**sections) -> dict:
     ({"prompts": {"tests_column": "tests"}},
      "prompts.tests_column = 'tests' is not allowed; expected null when prompts.source is 'synthetic'"),
     ({"prompts": {"source": "humaneval"}},
-     "reward.weights = {'correctness': 1.0} is not allowed; expected a mapping with code_tests"),
+     "reward.weights = {'correctness': 1.0, 'format': 0.1} is not allowed; expected a mapping with code_tests"),
     ({"reward": {"weights": {"correctness": 1.0, "code_tests": 1.0}}},
      "reward.weights.code_tests = 1.0 is not allowed; expected no weight: code_tests scores only prompts.source humaneval"),
     ({"prompts": {"source": "reasoning_gym"}}, "expected a mapping with reasoning_gym for prompts.source reasoning_gym"),

@@ -52,7 +52,7 @@ def test_grpo_loop_raises_a_learnable_reward(peaked_tiny_model_dir):
         groups = backend.generate(prompts, sampling, [request_seed(0, k, p) for p in prompts], progress=False)
         flat = [(i, c) for i, g in enumerate(groups) for c in g.completions]
         samples = [Sample(c.text, "", len(c.token_ids), c.finish_reason) for _, c in flat]
-        scores = score_completions(samples, {"toy_vowel": 1.0}, reward_settings(max_completion_tokens=3, overlong_buffer=1))
+        scores = score_completions(samples, {"toy_vowel": 1.0}, reward_settings(strict_answer=True, max_completion_tokens=3, overlong_buffer=1))
         rewards = torch.tensor(scores["reward"], dtype=torch.float64)
         rewards_per_iteration.append(float(rewards.mean()))
         adv = group_advantages(rewards, [i for i, _ in flat], scale="group")

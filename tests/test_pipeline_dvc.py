@@ -87,14 +87,14 @@ def test_second_repro_runs_nothing(finished_project):
 def test_changing_a_reward_weight_reruns_scoring_onward_not_generation(finished_project, tmp_path):
     p = finished_project
     params = yaml.safe_load((p / "params.yaml").read_text())
-    params["reward"]["weights"]["correctness"] = 0.5
+    params["reward"]["weights"]["format"] = 0.5
     (p / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     status = dvc(p, "status", "--json").stdout
     stale = set(json.loads(status))
     assert {"score@1", "score@2"} <= stale
     assert not any(s.startswith("generate@1") for s in stale)
     # restore for the other tests
-    params["reward"]["weights"]["correctness"] = 1.0
+    params["reward"]["weights"]["format"] = 0.1
     (p / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert json.loads(dvc(p, "status", "--json").stdout) == {}
 

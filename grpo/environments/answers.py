@@ -4,9 +4,7 @@
     ANSWER_INSTRUCTION          what the prompt asks for
     final_answer(text, strict)  the number a completion states: its last '#### N' line; not strict, else
                                 "the answer is N", \\boxed{N}, else its last number
-    answer_as_asked(text)       X of a last non-empty line '#### X' (a line with a number), else None
     ground_truth_number(text)   N of a ground truth's '#### N' tail, exactly a number (42, -3, 1,000, 2.5), or None
-    numbers_in(text)            the numbers a text mentions, commas dropped ("1,000" -> "1000")
 """
 
 from __future__ import annotations
@@ -36,19 +34,6 @@ def final_answer(text: str, *, strict: bool = True) -> str | None:
         return None
     numbers = NUMBER.findall(text)
     return numbers[-1] if numbers else None
-
-
-def answer_as_asked(text: str) -> str | None:
-    """The number of the completion's last non-empty line when that line is '#### N' (the answer stated the way
-    the prompt asks), else None."""
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    match = STATED_ANSWER.search(lines[-1]) if lines else None
-    numbers = NUMBER.findall(match.group(1)) if match else []
-    return numbers[0] if numbers else None
-
-
-def numbers_in(text: str) -> set[str]:
-    return {n.replace(",", "") for n in NUMBER.findall(text)}
 
 
 def ground_truth_number(text: str) -> str | None:

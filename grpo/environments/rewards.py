@@ -1,16 +1,11 @@
 """Verifiable rewards: functions (Sample, RewardSettings) -> float, registered by name.
 
 `correctness` checks the final answer (grpo.environments.answers) with math-verify (numbers, "1,000", fractions,
-LaTeX), graded so that no shortcut pays:
-
-    1                          a correct answer on a last line '#### N', as the prompt asks
-    reward.unformatted_credit  a correct answer stated otherwise ("the answer is N", \\boxed{N}, else the last
-                               number), in a completion that ended (EOS); 0.5 by default
-    0                          a wrong answer, formatted or not; a completion cut off mid-calculation
-
-A format reward pays '#### <any number>' (a policy learns to write the line and stop thinking); an ungraded
-lenient reward pays a correct sum however stated (a policy learns to drop the line); this grading pays neither.
-`format` rewards ending with an explicit '#### N' line, right or wrong (not in the default weights).
+LaTeX). With reward.strict_answer only the '#### N' line the prompts ask for counts; otherwise "the answer is N",
+\\boxed{N}, and as a last resort the last number in the text are accepted too. The lenient fallback pays a
+completion that never states an answer (one cut off mid-calculation ends in some number), so a policy
+trained on it learns to drop the format.
+`format` rewards ending with an explicit final-answer line, the format the prompts ask for.
 `overlong` is DAPO's soft overlong penalty (eq. 13), with L_max = rollout.max_new_tokens and
 L_cache = reward.overlong_buffer:
 
@@ -37,7 +32,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from grpo.environments import code_tasks, reasoning_gym_tasks
-from grpo.environments.answers import answer_as_asked, final_answer
+from grpo.environments.answers import LENIENT_ANSWERS, NUMBER, STATED_ANSWER, final_answer
 from grpo.config import RewardConfig
 from grpo.registry import Registry
 
@@ -60,7 +55,7 @@ class Sample:
 class RewardSettings:
     """What the reward functions read: params.yaml's reward section as it is, and the completions' length limit."""
 
-    reward: RewardConfig  # unformatted_credit, overlong_buffer (DAPO's L_cache), code_tests, sandbox
+    reward: RewardConfig  # strict_answer, overlong_buffer (DAPO's L_cache), code_tests, sandbox
     max_completion_tokens: int  # rollout.max_new_tokens (DAPO's L_max)
 
 
@@ -78,37 +73,30 @@ REWARD_FUNCTIONS: Registry[RewardFn] = Registry("reward function")
 # name -> the batch form of the reward of that name in REWARD_FUNCTIONS (scoring prefers it)
 BATCH_REWARD_FUNCTIONS: Registry[BatchRewardFn] = Registry("batch reward function")
 
-def same_number(answer: str | None, ground_truth: str) -> bool:
-    """Whether a stated answer equals the ground truth, by math-verify (1,000 = 1000, 0.5 = 1/2, LaTeX)."""
-    from math_verify import parse, verify
-
-    if answer is None:
-        return False
-    # math-verify logs each timeout and unparsable answer; the reward (0) says enough
-    logging.getLogger("math_verify").setLevel(logging.ERROR)
-    gold = parse(ground_truth, parsing_timeout=MATH_VERIFY_TIMEOUT_S)
-    pred = parse(answer.replace(",", ""), parsing_timeout=MATH_VERIFY_TIMEOUT_S)
-    return bool(verify(gold, pred, timeout_seconds=MATH_VERIFY_TIMEOUT_S))
-
-
 @REWARD_FUNCTIONS.register("correctness")
 def correctness(sample: Sample, settings: RewardSettings) -> float:
-    """1 for a correct answer stated as the prompt asks (a last line '#### N'); reward.unformatted_credit for a
-    correct answer stated otherwise ('the answer is N', boxed, else the last number) in a completion that ended;
-    0 for a wrong answer however it is stated, and for a completion cut off at max_new_tokens without the line."""
-    as_asked = answer_as_asked(sample.completion)
-    if as_asked is not None:
-        return 1.0 if same_number(as_asked, sample.ground_truth) else 0.0
-    credit = settings.reward.unformatted_credit
-    if credit == 0.0 or sample.finish_reason != "stop":
+    from math_verify import parse, verify
+
+    # math-verify logs each timeout and unparsable answer; the reward (0) says enough
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    answer = final_answer(sample.completion, strict=settings.reward.strict_answer)
+    if answer is None:
         return 0.0
-    return credit if same_number(final_answer(sample.completion, strict=False), sample.ground_truth) else 0.0
+    gold = parse(sample.ground_truth, parsing_timeout=MATH_VERIFY_TIMEOUT_S)
+    pred = parse(answer.replace(",", ""), parsing_timeout=MATH_VERIFY_TIMEOUT_S)
+    return 1.0 if verify(gold, pred, timeout_seconds=MATH_VERIFY_TIMEOUT_S) else 0.0
 
 
 @REWARD_FUNCTIONS.register("format")
 def format_reward(sample: Sample, settings: RewardSettings) -> float:
-    """1 if the completion's last non-empty line states an answer as '#### N', right or wrong."""
-    return 0.0 if answer_as_asked(sample.completion) is None else 1.0
+    """1 if the completion states its answer as '#### N' (or, not strict, 'The answer is N') on its last
+    non-empty line."""
+    lines = [line for line in sample.completion.strip().splitlines() if line.strip()]
+    if not lines:
+        return 0.0
+    last = lines[-1]
+    patterns = [STATED_ANSWER] + ([] if settings.reward.strict_answer else LENIENT_ANSWERS[:1])
+    return 1.0 if any(p.search(last) for p in patterns) and NUMBER.search(last) else 0.0
 
 
 @REWARD_FUNCTIONS.register("overlong")
