@@ -79,12 +79,12 @@ def make_backend(name: str, model_dir: str, *, data_parallel_size: int = 1, cach
     `cache`: a worker's checkpoints in memory, for a backend that loads its weights through grpo.models (hf;
     vLLM reads the folder itself)."""
     entry = BACKENDS.get(name)
-    if cache is not None and entry.loads_checkpoints and data_parallel_size == 1:
-        options["cache"] = cache
-    if data_parallel_size > 1:
+    if data_parallel_size > 1:  # replicas in their own processes: this process's cache is not theirs
         from grpo.backends.data_parallel import DataParallelBackend
 
         return DataParallelBackend(name, model_dir, data_parallel_size, **options)
+    if cache is not None and entry.loads_checkpoints:
+        options["cache"] = cache
     return entry(model_dir, **options)
 
 

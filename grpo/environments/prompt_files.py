@@ -20,7 +20,6 @@
    do two rows share a prompt_id), and num_train / num_eval count only usable prompts.
 """
 
-
 from __future__ import annotations
 
 import codecs
