@@ -139,14 +139,50 @@ def full_state_dict(model: torch.nn.Module, world: World) -> Optional[dict]:
 
 def relaunch(module: str, argv: Sequence[str], nproc_per_node: int) -> int:
     """Run `python -m <module> <argv>` as nproc_per_node processes on this machine under torchrun
-    (torch.distributed.run --standalone: rendezvous on a free local port). Returns the exit status:
-    the first failed rank's (so that a user error, exit status 2, stays exit status 2), else 0."""
+    (torch.distributed.run --standalone: rendezvous on a free local port), in a child process whose output
+    goes to this process's sys.stdout / sys.stderr (so a worker relays it to the stage). Returns the exit
+    status: the first failed rank's (so that a user error, exit status 2, stays exit status 2), else 0.
+    An exception here (a cancelled stage) kills the ranks."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    # torchrun gives each process 1 CPU thread unless told otherwise; share the cores out instead
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc_per_node)))
+    command = [sys.executable, "-c", "import sys, grpo.distributed as d; sys.exit(d.torchrun(sys.argv[1:]))",
+               str(nproc_per_node), "--module", module, *argv]
+    child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             start_new_session=True)  # its own group: the ranks leave with it
+
+    def copy(source, sink) -> None:
+        while chunk := source.read1(65536):
+            sink.write(chunk.decode(errors="replace"))
+            sink.flush()
+
+    copies = [threading.Thread(target=copy, args=(child.stdout, sys.stdout), daemon=True),
+              threading.Thread(target=copy, args=(child.stderr, sys.stderr), daemon=True)]
+    for thread in copies:
+        thread.start()
+    try:
+        status = child.wait()
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+        for thread in copies:
+            thread.join(timeout=10)
+    return status
+
+
+def torchrun(argv: Sequence[str]) -> int:
+    """relaunch's child: `torchrun --standalone --nproc-per-node argv[0] argv[1:]`; the first failed rank's exit
+    status, else 0."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    # torchrun gives each process 1 CPU thread unless told otherwise; share the cores out instead
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc_per_node)))
-    args = parse_args(["--standalone", f"--nproc-per-node={nproc_per_node}", "--module", module, *argv])
+    args = parse_args(["--standalone", f"--nproc-per-node={argv[0]}", *argv[1:]])
     try:
         run(args)
     except ChildFailedError as e:

@@ -51,11 +51,15 @@ def env() -> dict:
     e = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", DVC_NO_ANALYTICS="1")
     e["PYTHONPATH"] = ""  # stages import the copy's grpo/pipeline (cwd), not the checkout's
     e["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{e.get('PATH', '')}"
+    # the worker a stage starts (pipeline/worker/) leaves soon after its project's last stage
+    e.setdefault("GRPO_WORKER_IDLE_SECONDS", "20")
     return e
 
 
-def dvc(project: Path, *args: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
-    result = subprocess.run(["dvc", *args], cwd=project, env=env(), capture_output=True, text=True, timeout=timeout)
+def dvc(project: Path, *args: str, check: bool = True, timeout: float = 900,
+        extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run(["dvc", *args], cwd=project, env=env() | (extra_env or {}), capture_output=True, text=True,
+                            timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"dvc {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result

@@ -1,8 +1,12 @@
 """The worker's side (pipeline/worker/): a socket server that runs the stages in this process, with one
 CheckpointCache (grpo/models/cache.py) that the stages load from and save to.
 
-    python -m pipeline.worker [--cache-gb 8]     # serve this folder until stopped
+    python -m pipeline.worker [--cache-gb 8] [--idle-timeout 120]   # serve this folder until stopped or idle
     python -m pipeline.worker --stop
+
+A stage starts one itself when none serves its folder (pipeline/worker/client.py), so `dvc repro` needs no
+second command. It serves the code and the environment it started with: when either changed it exits, and the
+stage that found out starts a fresh one.
 """
 
 from __future__ import annotations
@@ -11,11 +15,12 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
 from pipeline import stage
-from pipeline.worker.client import SOCKET, relevant_env, send_message, stop
+from pipeline.worker.client import IDLE_SECONDS, SOCKET, relevant_env, send_message, stop
 
 # the stages a worker runs -> whether their main(argv, *, cache) loads checkpoints (and takes the worker's cache)
 STAGES = {"pipeline.generate": True, "pipeline.score": False, "pipeline.advantages": False, "pipeline.update": True,
@@ -29,6 +34,8 @@ class StageCancelled(BaseException):
 class _Relay:
     """sys.stdout / sys.stderr of the worker: to the stage's process while a stage runs, else the terminal."""
 
+    lock = threading.Lock()  # one message at a time on the stage's socket (a stage's threads write too)
+
     def __init__(self, name: str, terminal):
         self.name, self.terminal, self.conn = name, terminal, None
 
@@ -36,7 +43,8 @@ class _Relay:
         if self.conn is None:
             return self.terminal.write(text)
         try:
-            send_message(self.conn, {"out": text, "stream": self.name})
+            with self.lock:
+                send_message(self.conn, {"out": text, "stream": self.name})
         except OSError:
             pass  # the stage's process is gone; StageCancelled is on its way
         return len(text)
@@ -57,10 +65,9 @@ def code_stamp(root: Path) -> tuple:
     return tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files)
 
 
-def serve(cache_gb: float) -> None:
+def serve(cache_gb: float, idle_timeout: float) -> None:
     import importlib
     import signal
-    import threading
     import traceback
 
     root = Path.cwd().resolve()
@@ -79,6 +86,7 @@ def serve(cache_gb: float) -> None:
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(str(SOCKET))
     server.listen()
+    server.settimeout(idle_timeout or None)  # 0: no idle timeout
     running = threading.Event()
 
     def cancel(signum, frame):
@@ -86,7 +94,8 @@ def serve(cache_gb: float) -> None:
             raise StageCancelled()
 
     signal.signal(signal.SIGUSR1, cancel)
-    print(f"worker: serving {root} on {SOCKET} (pid {os.getpid()})", flush=True)
+    print(f"worker: serving {root} on {SOCKET} (pid {os.getpid()}"
+          + (f", exits after {idle_timeout:g} s without a stage)" if idle_timeout else ")"), flush=True)
 
     def watch(conn: socket.socket) -> None:
         """The stage's process closing its end (killed) cancels the stage."""
@@ -99,7 +108,12 @@ def serve(cache_gb: float) -> None:
             os.kill(os.getpid(), signal.SIGUSR1)
 
     while True:
-        conn, _ = server.accept()
+        try:
+            conn, _ = server.accept()
+        except TimeoutError:
+            print(f"worker: no stage for {idle_timeout:g} s; exiting", flush=True)
+            SOCKET.unlink(missing_ok=True)  # no new stage finds it; one that connected just now starts another
+            break
         try:
             with conn.makefile("r", encoding="utf-8") as reader:
                 request = json.loads(reader.readline())
@@ -113,19 +127,22 @@ def serve(cache_gb: float) -> None:
         reason = None
         if Path(request["cwd"]).resolve() != root:
             reason = f"it serves {root}, not {request['cwd']}"
-        elif request["env"] != env:
-            reason = "its environment (CUDA_*, OMP_*, HF_*, ...) differs from this process's"
         elif request["module"] not in STAGES:
             reason = f"it runs only {', '.join(STAGES)}"
+        elif request["env"] != env:
+            reason = "the stage's environment (CUDA_*, OMP_*, HF_*, ...) differs from the worker's; it stops"
         elif code_stamp(root) != code:
-            reason = "the code changed since it started; it restarts"
+            reason = "the code changed since it started; it stops"
         if reason is not None:
-            send_message(conn, {"declined": reason})
-            conn.close()
-            if reason.endswith("restarts"):
+            stops = reason.endswith("it stops")
+            if stops:  # gone before the stage hears it, so that the stage starts a fresh worker
                 server.close()
-                sys.stdout, sys.stderr = stdout.terminal, stderr.terminal
-                os.execv(sys.executable, [sys.executable, "-m", "pipeline.worker", "--cache-gb", str(cache_gb)])
+                SOCKET.unlink(missing_ok=True)
+            send_message(conn, {"declined": reason, "stopped": stops})
+            conn.close()
+            if stops:
+                print(f"worker: {reason}", flush=True)
+                return
             continue
         stdout.conn = stderr.conn = conn
         stage.STARTED_AT = request["started"]
@@ -178,10 +195,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stop", action="store_true", help="stop the worker serving this folder")
     parser.add_argument("--cache-gb", type=float, default=8.0,
                         help="memory for the checkpoints it keeps (least recently used leave first)")
+    parser.add_argument("--idle-timeout", type=float, default=IDLE_SECONDS,
+                        help="exit after this many seconds without a stage (0: never; default GRPO_WORKER_IDLE_SECONDS "
+                             "or 120)")
     args = parser.parse_args(argv)
     if args.stop:
         sys.exit(stop())
-    serve(args.cache_gb)
+    serve(args.cache_gb, args.idle_timeout)
 
 
 if __name__ == "__main__":
