@@ -4,11 +4,11 @@
     python scripts/bench_iteration.py --gsm8k --iterations 3   # GSM8K: 1000 train prompts, 192 new tokens
     python scripts/bench_iteration.py --skip-trl               # ours only, with the per-stage breakdown
 
-Ours: a clean clone of this repository's HEAD (committed code only), the workload's params applied,
-`python -m pipeline.worker` started in it (its one-time start-up printed apart; --no-worker: every stage in its
-own process), the setup (`dvc repro evaluate-base`: model, prompts, base evaluation) untimed, then `dvc repro
-update@N` timed: seconds per iteration = its wall time / N, everything included (stage process starts, model
-loads, checkpoint writes, DVC).
+Ours: a clean clone of this repository's HEAD (committed code only), the workload's params applied, the
+README's plain `dvc repro` (its stages in the worker the first of them starts, pipeline/worker/; --no-worker:
+GRPO_WORKER=off, every stage in its own process), the setup (`dvc repro evaluate-base`: model, prompts, base
+evaluation, and the worker's start) untimed, then `dvc repro update@N` timed: seconds per iteration = its wall
+time / N, everything included (stage process starts, model loads, checkpoint writes, DVC).
 TRL: `GRPOTrainer` from the same checkpoint 0, on the same prompts in the same order (the ones our rollouts
 used, chat template applied), with our reward functions and weights, G completions each, the same new-token
 limit, temperature, top_p, beta, clip epsilon, learning rate and warm-up, the same optimizer steps per
@@ -82,37 +82,24 @@ def sh(cmd: list[str], cwd: Path, log: Path, env: dict | None = None) -> float:
     return time.perf_counter() - start
 
 
-def start_worker(ours: Path, log: Path) -> tuple[subprocess.Popen, float]:
-    """`python -m pipeline.worker` in our clone (docs/worker.md); its start-up seconds."""
-    start = time.perf_counter()
-    with log.open("a") as out:
-        worker = subprocess.Popen([sys.executable, "-m", "pipeline.worker"], cwd=ours, stdout=out,
-                                  stderr=subprocess.STDOUT)
-    while not (ours / ".grpo/worker.sock").exists():
-        if worker.poll() is not None:
-            sys.exit(f"error: the worker stopped ({worker.returncode}); see {log}")
-        time.sleep(0.1)
-    return worker, time.perf_counter() - start
-
-
 def run_ours(work: Path, overrides: dict, iterations: int, use_worker: bool) -> dict:
     ours = work / "ours"
     log = work / "ours.log"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(ours)], check=True)
     (work / "overrides.yaml").write_text(json.dumps(overrides))  # JSON is YAML
     sh([sys.executable, "scripts/apply_params.py", str(work / "overrides.yaml")], ours, log)
-    worker, worker_startup = start_worker(ours, work / "worker.log") if use_worker else (None, 0.0)
+    # the README's plain `dvc repro`: its first worker stage (evaluate-base, in the setup) starts the worker
+    env = dict(os.environ) if use_worker else dict(os.environ, GRPO_WORKER="off")
     try:
         print(f"ours: setup (dvc repro evaluate-base) in {ours}", flush=True)
-        setup = sh(["dvc", "repro", "evaluate-base"], ours, log)
+        setup = sh(["dvc", "repro", "evaluate-base"], ours, log, env)
         print(f"ours: {iterations} iterations (dvc repro update@{iterations})"
-              f"{', stages run by pipeline.worker' if worker else ''} ...", flush=True)
-        seconds = sh(["dvc", "repro", f"update@{iterations}"], ours, log)
-        sh(["dvc", "repro", f"evaluate@{iterations}"], ours, log)
+              f"{'' if use_worker else ', GRPO_WORKER=off'} ...", flush=True)
+        seconds = sh(["dvc", "repro", f"update@{iterations}"], ours, log, env)
+        sh(["dvc", "repro", f"evaluate@{iterations}"], ours, log, env)
     finally:
-        if worker is not None:
-            sh([sys.executable, "-m", "pipeline.worker", "--stop"], ours, log)
-            worker.wait(60)
+        if use_worker:
+            subprocess.run([sys.executable, "-m", "pipeline.worker", "--stop"], cwd=ours, capture_output=True)
     per_iteration = []
     for k in range(1, iterations + 1):
         merged = {}
@@ -125,7 +112,7 @@ def run_ours(work: Path, overrides: dict, iterations: int, use_worker: bool) -> 
     tokens = {name: sum(m[f"tokens/{name}_per_second"] for m in per_iteration) / iterations
               for name in ("generate", "update")}
     lengths = [m["completions/mean_length"] for m in per_iteration]
-    return {"workspace": str(ours), "worker": use_worker, "worker_startup_seconds": worker_startup,
+    return {"workspace": str(ours), "worker": use_worker,
             "completion_mean_length": sum(lengths) / iterations,
             "setup_seconds": setup, "seconds": seconds,
             "seconds_per_iteration": seconds / iterations, "breakdown_per_iteration": breakdown,
@@ -236,7 +223,7 @@ def main() -> None:
     parser.add_argument("--skip-trl", action="store_true")
     parser.add_argument("--trl-python", default=sys.executable)
     parser.add_argument("--no-worker", action="store_true",
-                        help="every stage in its own process (default: through python -m pipeline.worker)")
+                        help="every stage in its own process, GRPO_WORKER=off (default: the worker dvc repro starts)")
     parser.add_argument("--workdir", help="where the runs go (default: a new temporary folder, kept)")
     parser.add_argument("--trl-worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -274,7 +261,7 @@ def report(results: dict) -> None:
     print(f"\nworkload {results['workload']}, {results['iterations']} iterations each, commit {results['commit']}, "
           f"{results['cpus']} CPUs")
     print(f"{'':34}{'s / iteration':>14}{'held-out accuracy':>22}")
-    name = "ours (dvc repro, worker)" if ours["worker"] else "ours (dvc repro)"
+    name = "ours (dvc repro)" if ours["worker"] else "ours (dvc repro, GRPO_WORKER=off)"
     print(f"{name:34}{ours['seconds_per_iteration']:>14.1f}"
           f"{ours['accuracy_base']:>13.3f} -> {ours['accuracy_trained']:.3f}")
     if trl:
@@ -283,7 +270,7 @@ def report(results: dict) -> None:
         print(f"ratio ours / TRL: {ours['seconds_per_iteration'] / trl['seconds_per_iteration']:.2f}"
               f"   (TRL's one-time start-up, not counted: {trl['startup_seconds']:.1f} s)")
     if ours["worker"]:
-        print(f"ours: the worker's one-time start-up, not counted: {ours['worker_startup_seconds']:.1f} s")
+        print("ours: the worker's one-time start-up is in the untimed setup, as TRL's is")
     if trl and trl.get("completion_mean_length"):
         # the same work means completions of about the same length: a run that collapsed to short answers
         # does less of it, and its ratio says nothing

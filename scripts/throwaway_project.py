@@ -113,13 +113,25 @@ def kill_while_running(proc: subprocess.Popen, module: str, iteration: int, *, d
         time.sleep(0.1)
 
 
-def make_tiny_model(out_dir: Path, seed: int = 0, initializer_range: float = 0.02) -> Path:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def embedded_tokenizer():
+    """SmolLM2's tokenizer: from the plain tokenizer folder GRPO_TOKENIZER_DIR when set (the GPU machine, where
+    the embedded GGUF is absent: ../shared/device/prepare.sh writes one), else from the embedded GGUF."""
+    from transformers import AutoTokenizer
 
-    from grpo.models.loading import embedded_gguf, save_model
+    from grpo.models.loading import embedded_gguf
 
+    if os.environ.get("GRPO_TOKENIZER_DIR"):
+        return AutoTokenizer.from_pretrained(os.environ["GRPO_TOKENIZER_DIR"])
     gguf = embedded_gguf()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+
+def make_tiny_model(out_dir: Path, seed: int = 0, initializer_range: float = 0.02) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from grpo.models.loading import save_model
+
+    tokenizer = embedded_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         # head_dim 32: the smallest head size vLLM's CPU attention supports

@@ -35,23 +35,24 @@ def _teacher_forced(model, tokenizer, prompt: str, completion: list[int], sampli
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("temperature,top_p,dtype", [(0.7, 1.0, "float32"), (1.0, 0.9, "float32"),
-                                                     (0.7, 0.95, "bfloat16")])
+@pytest.mark.parametrize("temperature,top_p,dtype,compact", [(0.7, 1.0, "float32", True), (1.0, 0.9, "float32", True),
+                                                             (0.7, 0.95, "bfloat16", True), (0.7, 1.0, "float32", False)])
 def test_hf_backend_logprobs_are_those_of_one_forward_over_the_completion(peaked_tiny_model_dir, temperature, top_p,
-                                                                           dtype):
-    """The sampling loop (a prompt prefilled once for its n samples, finished sequences leaving the batch) gives
-    every token the log-prob that a plain forward over prompt + completion gives it; same seeds, same samples."""
+                                                                           dtype, compact):
+    """The sampling loop (a prompt prefilled once for its n samples; finished sequences leaving the batch, as on
+    the CPU, or staying in it fed padding, as on a GPU) gives every token the log-prob that a plain forward over
+    prompt + completion gives it; same seeds, same samples."""
     model, tokenizer = load_checkpoint(peaked_tiny_model_dir)
     sampling = SamplingSpec(n=3, temperature=temperature, top_p=top_p, max_new_tokens=12)
     backend = HFBackend(str(peaked_tiny_model_dir), model=model, tokenizer=tokenizer, prompts_per_batch=len(PROMPTS),
-                        dtype=dtype)
+                        dtype=dtype, compact=compact)
     # the tiny model never says EOS: make its most frequent sampled token a stop token, so sequences end early
     first = [t for g in backend.generate(PROMPTS, sampling, [11] * len(PROMPTS), progress=False)
              for c in g.completions for t in c.token_ids[1:]]
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, max(set(first), key=first.count)]
     groups = backend.generate(PROMPTS, sampling, [11] * len(PROMPTS), progress=False)
     lengths = [len(c.token_ids) for g in groups for c in g.completions]
-    assert min(lengths) < max(lengths) == 12  # some sequences finished early and left the batch
+    assert min(lengths) < max(lengths) == 12  # some sequences finished early
     # bf16: the batched and the single forward round differently, and this model's weights are large
     tolerance = 1e-4 if dtype == "float32" else 0.3
     for prompt, group in zip(PROMPTS, groups):
@@ -64,11 +65,13 @@ def test_hf_backend_logprobs_are_those_of_one_forward_over_the_completion(peaked
     assert [c.token_ids for g in other for c in g.completions] != [c.token_ids for g in groups for c in g.completions]
 
 
-def test_hf_backend_greedy_is_transformers_greedy_generate(peaked_tiny_model_dir):
+@pytest.mark.parametrize("compact", [True, False])
+def test_hf_backend_greedy_is_transformers_greedy_generate(peaked_tiny_model_dir, compact):
     model, tokenizer = load_checkpoint(peaked_tiny_model_dir)
     sampling = SamplingSpec(n=1, temperature=0.0, top_p=1.0, max_new_tokens=12)
     groups = HFBackend(str(peaked_tiny_model_dir), model=model, tokenizer=tokenizer, prompts_per_batch=2,
-                       dtype="float32").generate(PROMPTS, sampling, [0] * len(PROMPTS), progress=False)
+                       dtype="float32", compact=compact).generate(PROMPTS, sampling, [0] * len(PROMPTS),
+                                                                  progress=False)
     eos = tokenizer.eos_token_id
     for prompt, group in zip(PROMPTS, groups):
         enc = tokenizer([prompt], return_tensors="pt", add_special_tokens=False)
@@ -116,12 +119,27 @@ def _tiny_update(model_dir, device: str):
 def test_the_update_runs_with_bf16_autocast_on_the_cpu(tiny_model_dir):
     metrics, policy = _tiny_update(tiny_model_dir, "cpu")
     assert metrics["optimizer_steps"] == 2 and metrics["grad_norm"] > 0
+    assert metrics["perf/tflops_per_second"] > 0 and "perf/mfu" not in metrics  # no known peak for a CPU
+
+
+def test_model_flops_count_the_linear_layers_weights(tiny_model_dir):
+    """grpo/algorithm/flops.py's N: per decoder layer q, k, v, o and the MLP's gate, up and down; the output head
+    (tied to the embeddings, still a matrix multiply); not the embedding lookup or the norms."""
+    from grpo.algorithm.flops import matmul_weights, update_flops
+
+    model, _ = load_checkpoint(tiny_model_dir)
+    hidden, kv, mlp, vocab = 64, 32, 128, model.config.vocab_size
+    layer = 2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * mlp
+    assert matmul_weights(model) == 2 * layer + hidden * vocab
+    assert update_flops(1000, tokens=10, forward_passes=2, trained_passes=1) == 1000 * 10 * (2 * 2 + 6)
 
 
 @CUDA
 def test_the_update_and_the_backend_run_on_cuda(tiny_model_dir):
     metrics, policy = _tiny_update(tiny_model_dir, "cuda")
     assert metrics["optimizer_steps"] == 2 and next(policy.parameters()).device.type == "cuda"
+    if any(word in torch.cuda.get_device_name() for word in ("H100", "H200", "A100")):
+        assert 0 < metrics["perf/mfu"] < 1
     backend = HFBackend(str(tiny_model_dir))  # device auto: CUDA here
     assert backend.device.type == "cuda"
     groups = backend.generate(PROMPTS[:2], SamplingSpec(n=2, temperature=0.7, top_p=1.0, max_new_tokens=4), [1, 2],
@@ -152,3 +170,30 @@ def test_install_script_pins_the_vllm_and_torch_that_are_installed():
         pytest.skip("vLLM is not installed")
     assert set(installed.values()) == {pins["VLLM_VERSION"]}, (installed, pins)
     assert torch.__version__.split("+")[0] == pins["TORCH_VERSION"]
+
+
+def test_the_tiny_model_takes_its_tokenizer_from_a_plain_folder_where_the_gguf_is_absent(tmp_path, monkeypatch):
+    """The GPU machine has no embedded GGUF: ../shared/device/prepare.sh sends the tokenizer as plain files and
+    sets GRPO_TOKENIZER_DIR, and the tests' tiny model is built with it."""
+    from transformers import AutoTokenizer
+
+    import grpo.models.loading
+    from scripts.throwaway_project import embedded_tokenizer, make_tiny_model
+
+    from_gguf = embedded_tokenizer()
+    from_gguf.save_pretrained(tmp_path / "tokenizer")
+
+    def absent():
+        raise InputError("no GGUF on this machine")
+
+    monkeypatch.setattr(grpo.models.loading, "embedded_gguf", absent)
+    monkeypatch.setenv("GRPO_TOKENIZER_DIR", str(tmp_path / "tokenizer"))
+    model_dir = make_tiny_model(tmp_path / "model")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    chat = [{"role": "user", "content": "Tom has 3 apples and buys 4 more. How many?"}]
+    assert (tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+            == from_gguf.apply_chat_template(chat, tokenize=False, add_generation_prompt=True))
+    assert tokenizer("#### 7 apples").input_ids == from_gguf("#### 7 apples").input_ids
+    monkeypatch.delenv("GRPO_TOKENIZER_DIR")
+    with pytest.raises(InputError, match="no GGUF"):  # without the folder it needs the GGUF: the test is real
+        make_tiny_model(tmp_path / "model2")

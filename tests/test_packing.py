@@ -9,7 +9,7 @@ import torch
 
 from grpo.models.loading import load_checkpoint
 from grpo.algorithm.packing import by_prompt, collate, pack
-from grpo.algorithm.trainer import Rollouts, forward_logprobs, grpo_update
+from grpo.algorithm.trainer import Rollouts, forward_logprobs, grpo_update, pack_multiple
 from tests.project import update_config
 
 F64 = torch.float64
@@ -50,21 +50,23 @@ def _each_alone(model, prompt_ids, completion_ids, weights):
     logps, entropies = torch.zeros(len(completion_ids), width, dtype=F64), torch.zeros(len(completion_ids), width, dtype=F64)
     for b, (prompt, completion) in enumerate(zip(prompt_ids, completion_ids)):
         logp, entropy = forward_logprobs(model, collate([prompt], [completion], pad_id=0), temperature=0.7,
-                                         autocast=False, with_entropy=True)
+                                         with_entropy=True)
         (logp[0] * weights[b, : len(completion)]).sum().backward()
         logps[b, : len(completion)], entropies[b, : len(completion)] = logp[0].detach(), entropy[0]
     return logps, entropies, torch.cat([p.grad.reshape(-1) for p in model.parameters()])
 
 
-def test_packed_logprobs_and_gradients_equal_the_repeated_prompt_ones(model64):
+@pytest.mark.parametrize("multiple", [1, pack_multiple("cuda")])  # rows as the CPU packs them, and as CUDA does
+def test_packed_logprobs_and_gradients_equal_the_repeated_prompt_ones(model64, multiple):
     prompt_ids, completion_ids = _groups()
-    batch = pack(prompt_ids, completion_ids, pad_id=0)
+    batch = pack(prompt_ids, completion_ids, pad_id=0, multiple=multiple)
+    assert batch.input_ids.shape[1] % multiple == 0
     weights = torch.randn(batch.completion_ids.shape, generator=torch.Generator().manual_seed(1), dtype=F64)
     weights = weights * batch.completion_mask
     logp_rep, ent_rep, grad_rep = _each_alone(model64, prompt_ids, completion_ids, weights)
 
     model64.zero_grad(set_to_none=True)
-    logp, entropy = forward_logprobs(model64, batch, temperature=0.7, autocast=False, with_entropy=True)
+    logp, entropy = forward_logprobs(model64, batch, temperature=0.7, with_entropy=True)
     (logp * weights).sum().backward()
     grad_pack = torch.cat([p.grad.reshape(-1) for p in model64.parameters()])
     mask = batch.completion_mask.bool()
@@ -80,10 +82,10 @@ def test_a_completion_does_not_see_the_other_completions_of_its_prompt(model64):
     """Changing one completion's tokens leaves the others' log-probs as they were."""
     prompt_ids, completion_ids = _groups()
     with torch.no_grad():
-        before, _ = forward_logprobs(model64, pack(prompt_ids, completion_ids, 0), temperature=1.0, autocast=False)
+        before, _ = forward_logprobs(model64, pack(prompt_ids, completion_ids, 0), temperature=1.0)
         changed = [list(c) for c in completion_ids]
         changed[0] = [11] * len(changed[0])
-        after, _ = forward_logprobs(model64, pack(prompt_ids, changed, 0), temperature=1.0, autocast=False)
+        after, _ = forward_logprobs(model64, pack(prompt_ids, changed, 0), temperature=1.0)
     assert not torch.equal(before[0], after[0])
     torch.testing.assert_close(after[1:], before[1:], rtol=0, atol=1e-12)
 

@@ -105,8 +105,10 @@ def _digest(path: Path) -> str:
 
 def test_killed_stage_then_repro_reproduces_the_uninterrupted_run(finished_project, tmp_path, tiny_model_dir):
     project = make_project(tmp_path / "killed", small_params(tiny_model_dir, iterations=2))
-    proc = subprocess.Popen(["dvc", "repro"], cwd=project, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    # stage processes (in a worker this tiny model's stages can end within the kill's delay; tests/test_worker.py
+    # kills a stage in the worker); the resume below goes through the worker
+    proc = subprocess.Popen(["dvc", "repro"], cwd=project, env=env() | {"GRPO_WORKER": "off"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
     kill_while_running(proc, "pipeline.generate", 2)  # the whole process group, iteration 2's generation at work
     assert not (project / "data/checkpoints/2").exists()
     # what a writer killed mid-write leaves: its temporaries beside the output (the kill above may or may not

@@ -35,3 +35,33 @@ def test_one_iteration_with_the_vllm_backend(tmp_path, tiny_model_dir):
     assert (project / "data/checkpoints/1/model.safetensors").exists()
     evaluation = pd.read_parquet(project / "data/eval/1.parquet")
     assert len(evaluation) == 6
+
+
+def test_the_worker_keeps_one_engine_and_gives_it_each_checkpoint_in_place(tmp_path, tiny_model_dir):
+    """Through the worker `dvc repro` starts, one vLLM engine serves every generate and evaluate stage: a new
+    checkpoint's weights are loaded into it in place (no engine restart), and what it samples is what a
+    fresh engine per stage (GRPO_WORKER=off) samples."""
+    params = small_params(tiny_model_dir, iterations=2)
+    params["rollout"]["backend"] = "vllm"
+    params["rollout"]["vllm"]["dtype"] = "float32"
+    alone = make_project(tmp_path / "alone", params)
+    dvc(alone, "repro", extra_env={"GRPO_WORKER": "off"})
+    warm = make_project(tmp_path / "warm", params)
+    result = dvc(warm, "repro")
+    output = result.stdout + result.stderr
+    for k in (1, 2):  # evaluate@k is the first stage to sample from checkpoint k
+        assert f"vllm: the engine kept from an earlier stage took data/checkpoints/{k} in place" in output, output
+    log = (warm / ".grpo/worker.log").read_text()
+    assert log.count("worker: serving") == 1, log
+    assert log.count("Initializing a V1 LLM engine") == 1, log  # vLLM's engine process logs to the worker's log
+    # the same samples from the same weights: a stale engine (no reload) would sample other tokens from
+    # checkpoint 1 on. The sampler's float32 log-probs differ by up to ~5e-3 between an engine started in the
+    # worker and one started by a stage process (the same on checkpoint 0, before any reload)
+    for k in (1, 2):
+        warm_rows, alone_rows = (pd.read_parquet(p / f"data/rollouts/{k}.parquet") for p in (warm, alone))
+        pd.testing.assert_frame_equal(warm_rows.drop(columns="completion_logprobs"),
+                                      alone_rows.drop(columns="completion_logprobs"))
+        for a, b in zip(warm_rows["completion_logprobs"], alone_rows["completion_logprobs"]):
+            assert abs(a - b).max() < 2e-2
+        pd.testing.assert_frame_equal(pd.read_parquet(warm / f"data/eval/{k}.parquet"),
+                                      pd.read_parquet(alone / f"data/eval/{k}.parquet"))

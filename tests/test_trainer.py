@@ -10,6 +10,7 @@ import sys
 import pyarrow as pa
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from grpo.contracts import ADVANTAGES, write_table
 from grpo.errors import NonFiniteError
@@ -39,7 +40,7 @@ def _rollouts(n: int = 8, seed: int = 0, vocab: int = 1000, sampler_noise: float
     sampler = None
     if model is not None:  # the sampler's log-probs: the model's own, perturbed (sampler/trainer mismatch)
         with torch.no_grad():
-            lp, _ = forward_logprobs(model, collate(prompts, completions, 0), temperature=1.0, autocast=False)
+            lp, _ = forward_logprobs(model, collate(prompts, completions, 0), temperature=1.0)
         sampler = [(lp[i, : len(c)] + sampler_noise * torch.randn(len(c), generator=g, dtype=F64)).tolist()
                    for i, c in enumerate(completions)]
     return Rollouts(prompts, completions, advantages, sampler)
@@ -69,10 +70,10 @@ def test_padded_batch_gives_the_logprobs_of_each_sequence_alone(model64):
     assert batch.position_ids[0, batch.attention_mask[0].bool()].tolist() == list(
         range(len(r.prompt_ids[0]) + len(r.completion_ids[0])))
     with torch.no_grad():
-        together, _ = forward_logprobs(model, batch, temperature=0.7, autocast=False)
+        together, _ = forward_logprobs(model, batch, temperature=0.7)
         for i in range(6):
             alone, _ = forward_logprobs(model, collate([r.prompt_ids[i]], [r.completion_ids[i]], pad_id=0),
-                                        temperature=0.7, autocast=False)
+                                        temperature=0.7)
             n = len(r.completion_ids[i])
             torch.testing.assert_close(together[i, :n], alone[0], rtol=0, atol=1e-10)
             assert batch.completion_mask[i].sum() == n
@@ -278,3 +279,37 @@ def test_gradient_checkpointing_gives_the_same_update(model64):
     assert policy.is_gradient_checkpointing
     torch.testing.assert_close(weights[1], weights[0], rtol=0, atol=1e-12)
     assert (weights[0] - torch.cat([p.detach().flatten() for p in model.parameters()])).abs().max() > 1e-3
+
+
+# ------------------------------------------------------------------------------- mixed precision
+
+
+class _WeightCasts(TorchDispatchMode):
+    """Counts the bf16 copies made of the given tensors (by storage)."""
+
+    def __init__(self, tensors):
+        super().__init__()
+        self.pointers = {t.data_ptr() for t in tensors}
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if (func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.bfloat16
+                and args[0].data_ptr() in self.pointers):
+            self.count += 1
+        return func(*args, **kwargs)
+
+
+def test_bf16_casts_each_weight_once_per_optimizer_step(tiny_model_dir):
+    """optim.bf16: the fp32 master weights are cast to bf16 once a step, not once a micro-batch; the gradients
+    and the AdamW state stay fp32."""
+    policy, _ = load_checkpoint(tiny_model_dir)
+    policy.train()
+    matrices = [p for p in policy.parameters() if p.dim() == 2]
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-4)
+    cfg = _cfg(bf16=True, minibatch_size=8, micro_batch_size=2, learning_rate=1e-4, beta=0.0)  # 4 micro-batches
+    with _WeightCasts(matrices) as casts:
+        grpo_update(policy, None, optimizer, _rollouts(n=8), cfg)
+    assert casts.count == len(matrices)  # one step of 4 micro-batches: one cast each
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in matrices)
+    assert all(s["exp_avg"].dtype == torch.float32 for s in optimizer.state.values())

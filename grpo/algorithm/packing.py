@@ -73,13 +73,15 @@ def collate(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequen
 
 
 def pack(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]], pad_id: int,
-         device: torch.device | str = "cpu") -> Batch:
+         device: torch.device | str = "cpu", multiple: int = 1) -> Batch:
     """One row per distinct prompt (in order of first appearance), its completions after it, block-masked.
-    Completions b keep their order in completion_ids / logits_index."""
+    Completions b keep their order in completion_ids / logits_index. `multiple`: the rows' length is rounded up
+    to a multiple of it by more left padding (few distinct shapes; the log-probs are the same)."""
     rows = by_prompt(range(len(prompt_ids)), prompt_ids)
-    p = max(len(x) for x in prompt_ids)
     completions, completion_mask = _completion_table(completion_ids, pad_id)
     total = max(sum(len(completion_ids[b]) for b in members) for members in rows)
+    p = max(len(x) for x in prompt_ids)
+    p += -(p + total) % multiple  # left padding up to the next multiple
     s, t, width = len(rows), p + total, total + 1  # logits of columns p - 1 .. t - 1
     input_ids = torch.full((s, t), pad_id, dtype=torch.long)
     position_ids = torch.zeros((s, t), dtype=torch.long)

@@ -38,14 +38,17 @@ from __future__ import annotations
 import math
 import random
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from grpo.config import LossConfig, OptimConfig
 from grpo.distributed import all_reduce_sum, rank, world_size
 from grpo.errors import NonFiniteError
+from grpo.algorithm.flops import matmul_weights, peak_flops, update_flops
 from grpo.algorithm.logprobs import token_entropy, token_logprobs
 from grpo.algorithm.loss import LOSS_AGGREGATIONS, policy_loss
 from grpo.algorithm.packing import Batch, attention_mask_for, by_prompt, pack, prompt_adjacent
@@ -54,19 +57,52 @@ from grpo.algorithm.packing import Batch, attention_mask_for, by_prompt, pack, p
 STEP_STATS = ("loss", "kl", "entropy", "clip_ratio_low", "clip_ratio_high", "clip_ratio", "ratio_mean")
 
 
-def forward_logprobs(model, batch: Batch, *, temperature: float, autocast: bool,
+# SDPA kernels for a masked (packed) batch, cuDNN left out: it builds an execution plan for every new shape and
+# mask, 7.7 ms of host time per forward call on an H200 (73% of the update's host time, the GPU idle); the
+# memory-efficient kernel takes any mask with no per-shape set-up. (Flash takes no mask; the CPU runs eager.)
+PACKED_SDPA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+
+
+def pack_multiple(device: torch.device | str) -> int:
+    """Packed rows are padded to a multiple of this many columns: on CUDA a new shape costs host work (kernel
+    choice, the allocator's blocks), so shapes repeat from micro-batch to micro-batch; on the CPU padding is
+    only more work."""
+    return 64 if torch.device(device).type == "cuda" else 1
+
+
+@contextmanager
+def mixed_precision(device_type: str, enabled: bool) -> Iterator[None]:
+    """bf16 autocast around every forward pass of one optimizer step (or of the log-prob passes), the fp32
+    weights kept as the master copy. Autocast keeps its bf16 copy of each trained fp32 weight until its
+    outermost context exits: in one context per step every weight is cast once a step, not once a micro-batch
+    (those casts were 16% of the update's GPU time on an H200)."""
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=enabled):
+        yield
+
+
+@contextmanager
+def outside_autocast(device_type: str) -> Iterator[None]:
+    """For a backward pass inside mixed_precision: autocast off (PyTorch's advice for backward), its cache kept
+    (a nested context does not clear it)."""
+    with torch.autocast(device_type, enabled=False):
+        yield
+
+
+def forward_logprobs(model, batch: Batch, *, temperature: float,
                      with_entropy: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The model's log pi(o_t | q, o_<t) for every completion token, [B, L] float32 (float64 for a float64
     model), and the entropy of each next-token distribution (no grad) if asked. `batch`: grpo.algorithm.packing's
-    pack (shared prompts) or collate (one row per completion)."""
-    device_type = batch.input_ids.device.type
-    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
+    pack (shared prompts) or collate (one row per completion). Mixed precision is the caller's
+    (mixed_precision)."""
+    packed = batch.attention_mask.dim() == 4
+    with sdpa_kernel(PACKED_SDPA_BACKENDS) if packed else nullcontext():
         out = model(input_ids=batch.input_ids, attention_mask=attention_mask_for(model, batch),
                     position_ids=batch.position_ids, logits_to_keep=batch.logits_width, use_cache=False)
-    # the logits that predict each completion token: [S, K, V] -> [B, L, V]
-    logits = out.logits.reshape(-1, out.logits.shape[-1])[batch.logits_index]
-    logp = token_logprobs(logits, batch.completion_ids, temperature=temperature)
-    entropy = token_entropy(logits, temperature=temperature) if with_entropy else None
+    with outside_autocast(out.logits.device.type):  # from the logits on, the precision is token_logprobs's
+        # the logits that predict each completion token: [S, K, V] -> [B, L, V]
+        logits = out.logits.reshape(-1, out.logits.shape[-1])[batch.logits_index]
+        logp = token_logprobs(logits, batch.completion_ids, temperature=temperature)
+        entropy = token_entropy(logits, temperature=temperature) if with_entropy else None
     return logp, entropy
 
 
@@ -147,7 +183,8 @@ def rank_micro_batches(indices: list[int], size: int, rank_index: int, num_ranks
 
 
 def _pack_rows(rollouts: Rollouts, idx: list[int], cfg: UpdateConfig, device) -> Batch:
-    return pack([rollouts.prompt_ids[i] for i in idx], [rollouts.completion_ids[i] for i in idx], cfg.pad_id, device)
+    return pack([rollouts.prompt_ids[i] for i in idx], [rollouts.completion_ids[i] for i in idx], cfg.pad_id, device,
+                multiple=pack_multiple(device))
 
 
 def _completion_mask(batch: Batch, rollouts: Rollouts, idx: list[int]) -> torch.Tensor:
@@ -174,13 +211,13 @@ def _sampled_token_logprobs(models: list, rollouts: Rollouts, cfg: UpdateConfig,
     width = max([1, *map(len, rollouts.completion_ids)])  # as grpo.algorithm.packing: at least one column
     tables: list[Optional[torch.Tensor]] = [None] * len(models)
     adjacent = prompt_adjacent(range(n), rollouts.prompt_ids)  # prompts shared in a pack
-    with torch.no_grad():
+    with torch.no_grad(), mixed_precision(torch.device(device).type, cfg.optim.bf16):
         for idx in rank_micro_batches(adjacent, cfg.optim.micro_batch_size, rank(), world_size()):
             # a placeholder micro-batch runs row 0 and keeps nothing: the forwards of a sharded model are
             # collectives, every rank runs as many
             batch = _pack_rows(rollouts, idx or [0], cfg, device)
             for m, model in enumerate(models):
-                lp, _ = forward_logprobs(model, batch, temperature=cfg.temperature, autocast=cfg.optim.bf16)
+                lp, _ = forward_logprobs(model, batch, temperature=cfg.temperature)
                 if tables[m] is None:
                     tables[m] = torch.zeros(n, width, dtype=lp.dtype, device=lp.device)
                 tables[m][idx, : lp.shape[1]] = lp[: len(idx)]
@@ -241,31 +278,35 @@ def optimizer_step(policy, optimizer, rollouts: Rollouts, minibatch: list[int], 
     totals: dict[str, float] = {name: 0.0 for name in STEP_STATS}
     tokens = 0.0
     size = cfg.optim.micro_batch_size
-    for j, (idx, batch, mask) in enumerate(zip(micro, batches, masks)):
-        rows = idx or minibatch[:1]
-        width = batch.completion_ids.shape[1]
-        logp, entropy = forward_logprobs(policy, batch, temperature=cfg.temperature, autocast=cfg.optim.bf16,
-                                         with_entropy=True)
-        old = logp.detach() if fixed.old_logprobs is None else _padded(fixed.old_logprobs, rows, width, logp)
-        ref = None if fixed.ref_logprobs is None else _padded(fixed.ref_logprobs, rows, width, logp)
-        weights = None if fixed.is_weights is None else _padded(fixed.is_weights, rows, width, logp)
-        loss, stats = policy_loss(logp, old, rollouts.advantages[rows].to(logp), mask.to(logp), ref_logprobs=ref,
-                                  is_weights=weights, num_units=num_units, **cfg.loss_settings())
-        # summed over ranks: non-finite on every rank when it is on one, so that all ranks stop together
-        summed = all_reduce_sum(loss.detach().clone())
-        if not torch.isfinite(summed):
-            raise NonFiniteError(f"loss is {float(summed)}; lower optim.learning_rate or check the rollouts")
-        # FSDP averages the ranks' gradients: (1/W) sum_r grad(W * loss_r) = sum_r grad(loss_r), the 1-process
-        # gradient (each loss_r is already divided by the global N); W = 1 leaves the loss as it is
-        (loss * world).backward()
-        stats["entropy"] = float((entropy * mask).sum() / mask.sum().clamp(min=1))
-        # the step's loss is the sum of its micro-batch losses; the rest are token means
-        totals["loss"] += stats["loss"]
-        for name in STEP_STATS[1:]:
-            totals[name] += stats[name] * stats["num_tokens"]
-        tokens += stats["num_tokens"]
-        # completions of this round on all ranks: positions [j * size * W, (j + 1) * size * W) of the minibatch
-        progress(len(minibatch[j * size * world : (j + 1) * size * world]))
+    device_type = torch.device(device).type
+    with mixed_precision(device_type, cfg.optim.bf16):  # each trained weight cast to bf16 once this step
+        for j, (idx, batch, mask) in enumerate(zip(micro, batches, masks)):
+            rows = idx or minibatch[:1]
+            width = batch.completion_ids.shape[1]
+            logp, entropy = forward_logprobs(policy, batch, temperature=cfg.temperature, with_entropy=True)
+            with outside_autocast(device_type):  # the loss and the backward pass in the logits' precision
+                fixed_rows = [None if t is None else _padded(t, rows, width, logp)
+                              for t in (fixed.old_logprobs, fixed.ref_logprobs, fixed.is_weights)]
+                old, ref, weights = fixed_rows
+                old = logp.detach() if old is None else old
+                loss, stats = policy_loss(logp, old, rollouts.advantages[rows].to(logp), mask.to(logp),
+                                          ref_logprobs=ref, is_weights=weights, num_units=num_units,
+                                          **cfg.loss_settings())
+                # summed over ranks: non-finite on every rank when it is on one, so that all ranks stop together
+                summed = all_reduce_sum(loss.detach().clone())
+                if not torch.isfinite(summed):
+                    raise NonFiniteError(f"loss is {float(summed)}; lower optim.learning_rate or check the rollouts")
+                # FSDP averages the ranks' gradients: (1/W) sum_r grad(W * loss_r) = sum_r grad(loss_r), the
+                # 1-process gradient (each loss_r is already divided by the global N); W = 1 leaves it as it is
+                (loss * world).backward()
+            stats["entropy"] = float((entropy * mask).sum() / mask.sum().clamp(min=1))
+            # the step's loss is the sum of its micro-batch losses; the rest are token means
+            totals["loss"] += stats["loss"]
+            for name in STEP_STATS[1:]:
+                totals[name] += stats[name] * stats["num_tokens"]
+            tokens += stats["num_tokens"]
+            # completions of this round on all ranks: positions [j * size * W, (j + 1) * size * W) of the minibatch
+            progress(len(minibatch[j * size * world : (j + 1) * size * world]))
     grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.optim.max_grad_norm))
     if not math.isfinite(grad_norm):
         raise NonFiniteError(f"gradient norm is {grad_norm}; lower optim.learning_rate or check the rollouts")
@@ -296,6 +337,7 @@ def grpo_update(policy, reference, optimizer, rollouts: Rollouts, cfg: UpdateCon
     began = time.perf_counter()
     fixed = precompute(policy, reference, rollouts, cfg, needs_old=not one_step, device=device)
     logprob_seconds = time.perf_counter() - began
+    forward_passes = sum(t is not None for t in (fixed.ref_logprobs, fixed.old_logprobs))  # for the FLOPs
     if one_step:
         fixed.old_logprobs = None  # pi_old = pi_theta detached (the same weights, no second forward)
     rng = random.Random(cfg.seed)
@@ -324,6 +366,14 @@ def grpo_update(policy, reference, optimizer, rollouts: Rollouts, cfg: UpdateCon
             metrics[trl] = metrics.pop(ours)
     metrics["optimizer_steps"] = len(steps)
     # where the time went: the reference / pi_old log-prob passes, then the optimizer steps (forward, backward, AdamW)
+    seconds = time.perf_counter() - began
     metrics["time/update_logprob_seconds"] = logprob_seconds
-    metrics["time/update_steps_seconds"] = time.perf_counter() - began - logprob_seconds
+    metrics["time/update_steps_seconds"] = seconds - logprob_seconds
+    # model FLOPs (grpo/algorithm/flops.py): the log-prob passes precompute ran, then mu trained passes
+    tokens = sum(len(p) + len(c) for p, c in zip(rollouts.prompt_ids, rollouts.completion_ids))
+    flops = update_flops(matmul_weights(policy), tokens, forward_passes, o.epochs)
+    metrics["perf/tflops_per_second"] = flops / seconds / 1e12
+    peak = peak_flops(device)
+    if peak is not None:
+        metrics["perf/mfu"] = flops / seconds / (peak * world_size())
     return UpdateResult(metrics, steps)

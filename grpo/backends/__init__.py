@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from grpo.backends.base import Backend, Completion, Group, SamplingSpec, stop_token_ids
@@ -52,6 +55,7 @@ class BackendEntry:
     cls: str
     options: Callable[..., dict] = _no_options  # params -> keyword arguments of the class
     loads_checkpoints: bool = False  # loads the weights with grpo.models.loading (and so from a worker's cache)
+    keeps_engine: bool = False  # in a worker: one instance kept across stages, its weights replaced in place (load)
 
     def load(self) -> type:
         return getattr(importlib.import_module(self.module), self.cls)
@@ -69,7 +73,8 @@ def _vllm_options(params) -> dict:
 
 BACKENDS: Registry[BackendEntry] = Registry("rollout backend")
 BACKENDS.register("hf")(BackendEntry("grpo.backends.hf", "HFBackend", loads_checkpoints=True))
-BACKENDS.register("vllm")(BackendEntry("grpo.backends.vllm_backend", "VLLMBackend", _vllm_options))
+BACKENDS.register("vllm")(BackendEntry("grpo.backends.vllm_backend", "VLLMBackend", _vllm_options,
+                                       keeps_engine=True))
 
 
 def make_backend(name: str, model_dir: str, *, data_parallel_size: int = 1, cache: CheckpointCache | None = None,
@@ -85,7 +90,32 @@ def make_backend(name: str, model_dir: str, *, data_parallel_size: int = 1, cach
         return DataParallelBackend(name, model_dir, data_parallel_size, **options)
     if cache is not None and entry.loads_checkpoints:
         options["cache"] = cache
-    return entry(model_dir, **options)
+    if cache is None or not entry.keeps_engine:
+        return entry(model_dir, **options)
+    # a worker keeps one engine across stages and gives it each new checkpoint in place
+    key = (name, engine_identity(model_dir), tuple(sorted(options.items())))
+    backend = cache.engine(key)
+    if backend is None:
+        backend = entry(model_dir, **options)
+        cache.keep_engine(key, backend)
+    else:
+        began, before = time.perf_counter(), backend.checkpoint
+        backend.load(model_dir)
+        if before != str(model_dir):
+            print(f"{name}: the engine kept from an earlier stage took {model_dir} in place in "
+                  f"{time.perf_counter() - began:.1f}s", file=sys.stderr)
+    return backend
+
+
+def engine_identity(model_dir: str) -> str:
+    """What an engine is built for whatever the checkpoint: the base of a LoRA checkpoint, else the model's
+    architecture (its config.json)."""
+    from grpo.models.loading import checkpoint_info
+    from grpo.models.lora import base_dir, is_adapter_dir
+
+    if is_adapter_dir(model_dir):
+        return f"lora:{base_dir(model_dir, checkpoint_info(model_dir))}"
+    return (Path(model_dir) / "config.json").read_text()
 
 
 def backend_options(params, name: str) -> dict:

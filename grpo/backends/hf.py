@@ -6,7 +6,8 @@ batch.
 
 Not `model.generate`, for two reasons that make it ~2x faster on the default workload: each prompt's prefill runs
 once and its KV cache is repeated for its n samples (generate repeats the prompt n times before the prefill),
-and a finished sequence leaves the batch (generate keeps computing it until the longest one ends). Each step
+and on the CPU a finished sequence leaves the batch (generate keeps computing it until the longest one ends; on
+a GPU so does this loop, see `sample`). Each step
 samples from the processed logits (temperature, then top-p, transformers' own warpers) and records
 log pi_sampler(o_t) = log_softmax(scores_t)[o_t], one [rows, V] tensor at a time.
 
@@ -45,10 +46,14 @@ def _inverse_cdf_sample(probs: torch.Tensor) -> torch.Tensor:
 
 
 def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampling, eos_ids: list[int],
-           pad_id: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+           pad_id: int, compact: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """n completions of each left-padded prompt: token ids [B * n, max_new_tokens] (pad after a sequence's EOS)
     and their sampler log-probs (None when greedy). Rows b * n .. b * n + n - 1 belong to prompt b. The caller
-    seeds torch's RNG and sets autocast / no_grad."""
+    seeds torch's RNG and sets autocast / no_grad.
+
+    `compact`: a finished sequence leaves the batch and its keys and values the cache (the CPU, where every row
+    costs compute); else it stays in the batch, fed padding, until all have finished (a GPU, where a step's time
+    hardly depends on the rows and selecting them copies the whole cache and waits for the device each step)."""
     from transformers import DynamicCache
 
     device, n, steps = input_ids.device, sampling.n, sampling.max_new_tokens
@@ -64,9 +69,10 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, samplin
     logits = out.logits[:, -1].repeat_interleave(n, 0)
     attention_mask = attention_mask.repeat_interleave(n, 0)
     position = positions[:, -1:].repeat_interleave(n, 0) + 1
-    rows = torch.arange(logits.shape[0], device=device)  # the output row of each sequence still running
+    rows = torch.arange(logits.shape[0], device=device)  # the output row of each sequence in the batch
     tokens = torch.full((logits.shape[0], steps), pad_id, dtype=torch.long, device=device)
     logprobs = None if greedy else torch.zeros(tokens.shape, dtype=torch.float32, device=device)
+    done = torch.zeros(logits.shape[0], dtype=torch.bool, device=device)  # not compact: rows past their EOS
     for t in range(steps):
         scores = logits.float()
         for processor in processors:
@@ -76,15 +82,23 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, samplin
         else:
             logp = torch.log_softmax(scores, -1)
             chosen = _inverse_cdf_sample(logp.exp())
-            logprobs[rows, t] = logp.gather(-1, chosen[:, None]).squeeze(-1)
+            logprobs[rows, t] = logp.gather(-1, chosen[:, None]).squeeze(-1).masked_fill(done, 0.0)
+        chosen = chosen.masked_fill(done, pad_id)
         tokens[rows, t] = chosen
-        running = ~torch.isin(chosen, eos)
-        if t == steps - 1 or not running.any():
-            break
-        if not running.all():  # finished sequences leave the batch, and their keys and values the cache
-            keep = running.nonzero().squeeze(-1)
-            cache.batch_select_indices(keep)
-            rows, chosen, attention_mask, position = rows[keep], chosen[keep], attention_mask[keep], position[keep]
+        finished = torch.isin(chosen, eos)
+        if not compact:
+            done |= finished
+            if t == steps - 1 or bool(done.all()):  # one wait for the device a step, as generate's
+                break
+        else:
+            running = ~finished
+            if t == steps - 1 or not running.any():
+                break
+            if not running.all():  # finished sequences leave the batch, and their keys and values the cache
+                keep = running.nonzero().squeeze(-1)
+                cache.batch_select_indices(keep)
+                rows, chosen, attention_mask = rows[keep], chosen[keep], attention_mask[keep]
+                position, done = position[keep], done[keep]
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=-1)
         out = model(input_ids=chosen[:, None], attention_mask=attention_mask, position_ids=position,
                     past_key_values=cache, use_cache=True)
@@ -100,10 +114,10 @@ class HFBackend:
     name = "hf"
 
     def __init__(self, model_dir: str, *, model=None, tokenizer=None, prompts_per_batch: int = 8,
-                 dtype: str = "bfloat16", device: str = "auto", cache=None):
+                 dtype: str = "bfloat16", device: str = "auto", cache=None, compact: bool | None = None):
         """A given `model` stays on its device; one loaded from `model_dir` (from `cache`, a worker's
         grpo.models.cache.CheckpointCache, when it holds the folder) goes to `device` (auto: CUDA when visible,
-        else the CPU)."""
+        else the CPU). `compact`: see `sample`; None: on the CPU only."""
         from grpo.models.loading import load_checkpoint, resolve_device, use_fast_attention
 
         if model is None:
@@ -113,6 +127,7 @@ class HFBackend:
         self.model, self.tokenizer = model.eval(), tokenizer
         self.tokenizer.padding_side = "left"
         self.prompts_per_batch = prompts_per_batch
+        self.compact = self.device.type == "cpu" if compact is None else compact
         self.autocast_dtype = getattr(torch, dtype) if dtype != "float32" else None
 
     @property
@@ -134,7 +149,7 @@ class HFBackend:
             with torch.no_grad(), torch.autocast(device.type, dtype=self.autocast_dtype or torch.bfloat16,
                                                  enabled=self.autocast_dtype is not None):
                 new_tokens, token_logp = sample(self.model, enc["input_ids"], enc["attention_mask"], sampling,
-                                                eos_ids, tok.pad_token_id)
+                                                eos_ids, tok.pad_token_id, compact=self.compact)
             new_tokens = new_tokens.tolist()
             token_logp = None if token_logp is None else token_logp.tolist()
             input_ids, attention = enc["input_ids"].tolist(), enc["attention_mask"].tolist()

@@ -61,6 +61,7 @@ class VLLMBackend:
         from grpo.models.loading import checkpoint_info
 
         model_dir = str(model_dir)
+        self.checkpoint, self.resident = model_dir, False  # resident: kept by a worker (close() leaves it up)
         self.lora_request = None
         if is_adapter_dir(model_dir):
             # a LoRA checkpoint: the engine loads the base with LoRA enabled, and every request carries the
@@ -71,6 +72,7 @@ class VLLMBackend:
             engine_options.update(enable_lora=True, max_loras=1,
                                   max_lora_rank=next(r for r in VLLM_LORA_RANKS if r >= rank))
             self.lora_request = LoRARequest(checkpoint_info(model_dir)["checkpoint_id"], 1, model_dir)
+            self.max_lora_rank = engine_options["max_lora_rank"]
             model_dir = str(base_dir(model_dir, checkpoint_info(model_dir)))
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         try:
@@ -105,6 +107,30 @@ class VLLMBackend:
         # multiprocessing resource tracker is shared by the whole interpreter and is not ours to stop
         self.engine_pids = sorted(p.pid for p in me.children(recursive=True)
                                   if p.pid not in before and not _is_resource_tracker(p))
+
+    def load(self, model_dir: str) -> None:
+        """Serve checkpoint `model_dir` with this engine, not restarting it: a LoRA checkpoint's adapter by its
+        path (under a new adapter id, so vLLM reads it), other weights reloaded in place from the folder (which
+        the update has just written: the OS still holds it in memory). vLLM's engine runs in its own process and
+        its RPC sends no tensors without pickling, so the folder is the fastest way in. The same checkpoint again:
+        only the prefix cache is emptied."""
+        from grpo.models.loading import checkpoint_info
+        from grpo.models.lora import adapter_rank, is_adapter_dir
+
+        model_dir = str(model_dir)
+        if is_adapter_dir(model_dir):
+            from vllm.lora.request import LoRARequest
+
+            if self.lora_request is None or adapter_rank(model_dir) > self.max_lora_rank:
+                raise ValueError(f"{model_dir}: this engine cannot serve that adapter; build a new one")
+            self.lora_request = LoRARequest(checkpoint_info(model_dir)["checkpoint_id"],
+                                            self.lora_request.lora_int_id + 1, model_dir)
+        elif model_dir != self.checkpoint:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": model_dir, "is_checkpoint_format": True})
+        # empty, as a new engine's: the old weights' keys and values go, and a stage samples as it would alone
+        # (a prefix computed in another stage's batches rounds differently)
+        self.llm.reset_prefix_cache()
+        self.checkpoint = model_dir
 
     def generate(self, prompts: Sequence[str], sampling: SamplingSpec, seeds: Sequence[int],
                  progress: bool = True) -> list[Group]:
@@ -149,7 +175,10 @@ class VLLMBackend:
         return groups
 
     def close(self) -> None:
-        """Shut the engine's processes down and wait until they have exited. Safe to call twice."""
+        """Shut the engine's processes down and wait until they have exited. Safe to call twice. An engine a
+        worker keeps (`resident`) stays up: the worker closes it."""
+        if getattr(self, "resident", False):
+            return
         llm, self.llm = getattr(self, "llm", None), None
         if llm is None:
             return

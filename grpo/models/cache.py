@@ -50,12 +50,32 @@ def _fresh(obj):
 
 
 class CheckpointCache:
-    """Checkpoint contents in memory, at most `max_bytes` of tensors; least recently used entries leave first."""
+    """Checkpoint contents in memory, at most `max_bytes` of tensors; least recently used entries leave first.
+    Beside them, one rollout engine (a vLLM engine, grpo.backends.make_backend) that lives as long as the worker
+    and takes each new checkpoint's weights in place."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
         self.hits = 0  # loads served from memory (the worker reports them)
         self._entries: OrderedDict = OrderedDict()  # (folder, kind) -> (stamp, object, bytes)
+        self._engine: tuple | None = None  # (key, backend)
+
+    def engine(self, key):
+        """The engine kept under `key`, or None."""
+        return self._engine[1] if self._engine is not None and self._engine[0] == key else None
+
+    def keep_engine(self, key, backend) -> None:
+        """Keep `backend` (its close() then leaves it running) in place of the engine kept before, which is
+        closed: one at a time, as GPU memory holds one."""
+        self.close_engine()
+        backend.resident = True
+        self._engine = (key, backend)
+
+    def close_engine(self) -> None:
+        if self._engine is not None:
+            backend = self._engine[1]
+            self._engine, backend.resident = None, False
+            backend.close()
 
     def get(self, folder: str | Path, kind: str, *, take: bool = False):
         """What `put` stored for this folder and kind, if the folder is unchanged since; else None. A copy, or

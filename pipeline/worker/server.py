@@ -107,82 +107,88 @@ def serve(cache_gb: float, idle_timeout: float) -> None:
         if running.is_set():
             os.kill(os.getpid(), signal.SIGUSR1)
 
-    while True:
-        try:
-            conn, _ = server.accept()
-        except TimeoutError:
-            print(f"worker: no stage for {idle_timeout:g} s; exiting", flush=True)
-            SOCKET.unlink(missing_ok=True)  # no new stage finds it; one that connected just now starts another
-            break
-        try:
-            with conn.makefile("r", encoding="utf-8") as reader:
-                request = json.loads(reader.readline())
-        except (OSError, ValueError):
-            conn.close()
-            continue
-        if request.get("stop"):
-            send_message(conn, {"exit": 0})
-            conn.close()
-            break
-        reason = None
-        if Path(request["cwd"]).resolve() != root:
-            reason = f"it serves {root}, not {request['cwd']}"
-        elif request["module"] not in STAGES:
-            reason = f"it runs only {', '.join(STAGES)}"
-        elif request["env"] != env:
-            reason = "the stage's environment (CUDA_*, OMP_*, HF_*, ...) differs from the worker's; it stops"
-        elif code_stamp(root) != code:
-            reason = "the code changed since it started; it stops"
-        if reason is not None:
-            stops = reason.endswith("it stops")
-            if stops:  # gone before the stage hears it, so that the stage starts a fresh worker
-                server.close()
-                SOCKET.unlink(missing_ok=True)
-            send_message(conn, {"declined": reason, "stopped": stops})
-            conn.close()
-            if stops:
-                print(f"worker: {reason}", flush=True)
-                return
-            continue
-        stdout.conn = stderr.conn = conn
-        stage.STARTED_AT = request["started"]
-        began, hits = time.perf_counter(), cache.hits
-        sys.argv = [request["module"], *request["argv"]]
-        status = 0
-        running.set()
-        threading.Thread(target=watch, args=(conn,), daemon=True).start()
-        try:
+    try:
+        while True:
             try:
-                stage_main = importlib.import_module(request["module"]).main
-                if STAGES[request["module"]]:
-                    stage.run(lambda argv: stage_main(argv, cache=cache), request["argv"])
-                else:
-                    stage.run(stage_main, request["argv"])
-            except SystemExit as e:
-                status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-                if not isinstance(e.code, (int, type(None))):
-                    print(e.code, file=sys.stderr)
-            except Exception:  # a bug in the stage: its traceback goes to the stage's process, the worker goes on
-                traceback.print_exc()
-                status = 1
-            finally:
-                running.clear()
-        except StageCancelled:  # raised in the stage, or in the instant between its end and running.clear()
-            status = None
-        running.clear()
-        stage.STARTED_AT = None
-        stdout.conn = stderr.conn = None
-        command = " ".join([request["module"], *request["argv"]])
-        print(f"worker: {command} ... " + ("cancelled (its process went away)" if status is None else
-              f"exit {status} in {time.perf_counter() - began:.1f}s, {cache.hits - hits} loads from memory"),
-              flush=True)
-        if status is not None:
+                conn, _ = server.accept()
+            except TimeoutError:
+                print(f"worker: no stage for {idle_timeout:g} s; exiting", flush=True)
+                SOCKET.unlink(missing_ok=True)  # no new stage finds it; one that connected just now starts another
+                break
             try:
-                send_message(conn, {"exit": status})
-            except OSError:
-                pass
-        conn.close()
-    SOCKET.unlink(missing_ok=True)
+                with conn.makefile("r", encoding="utf-8") as reader:
+                    request = json.loads(reader.readline())
+            except (OSError, ValueError):
+                conn.close()
+                continue
+            if request.get("stop"):
+                send_message(conn, {"exit": 0})
+                conn.close()
+                break
+            reason = None
+            if Path(request["cwd"]).resolve() != root:
+                reason = f"it serves {root}, not {request['cwd']}"
+            elif request["module"] not in STAGES:
+                reason = f"it runs only {', '.join(STAGES)}"
+            elif request["env"] != env:
+                reason = "the stage's environment (CUDA_*, OMP_*, HF_*, ...) differs from the worker's; it stops"
+            elif code_stamp(root) != code:
+                reason = "the code changed since it started; it stops"
+            if reason is not None:
+                stops = reason.endswith("it stops")
+                if stops:  # gone (its engine too) before the stage hears it, so that the stage starts a fresh one
+                    server.close()
+                    SOCKET.unlink(missing_ok=True)
+                    cache.close_engine()
+                send_message(conn, {"declined": reason, "stopped": stops})
+                conn.close()
+                if stops:
+                    print(f"worker: {reason}", flush=True)
+                    return
+                continue
+            stdout.conn = stderr.conn = conn
+            stage.STARTED_AT = request["started"]
+            began, hits = time.perf_counter(), cache.hits
+            sys.argv = [request["module"], *request["argv"]]
+            status = 0
+            running.set()
+            threading.Thread(target=watch, args=(conn,), daemon=True).start()
+            try:
+                try:
+                    stage_main = importlib.import_module(request["module"]).main
+                    if STAGES[request["module"]]:
+                        stage.run(lambda argv: stage_main(argv, cache=cache), request["argv"])
+                    else:
+                        stage.run(stage_main, request["argv"])
+                except SystemExit as e:
+                    status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+                    if not isinstance(e.code, (int, type(None))):
+                        print(e.code, file=sys.stderr)
+                except Exception:  # a bug in the stage: its traceback goes to the stage's process, the worker goes on
+                    traceback.print_exc()
+                    status = 1
+                finally:
+                    running.clear()
+            except StageCancelled:  # raised in the stage, or in the instant between its end and running.clear()
+                status = None
+            running.clear()
+            if status != 0:  # an engine interrupted mid-request may hold its requests: the next stage starts a new one
+                cache.close_engine()
+            stage.STARTED_AT = None
+            stdout.conn = stderr.conn = None
+            command = " ".join([request["module"], *request["argv"]])
+            print(f"worker: {command} ... " + ("cancelled (its process went away)" if status is None else
+                  f"exit {status} in {time.perf_counter() - began:.1f}s, {cache.hits - hits} loads from memory"),
+                  flush=True)
+            if status is not None:
+                try:
+                    send_message(conn, {"exit": status})
+                except OSError:
+                    pass
+            conn.close()
+    finally:  # idle, stopped, or stale: its engine's processes leave with it
+        cache.close_engine()
+        SOCKET.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> None:
