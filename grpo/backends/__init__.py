@@ -10,8 +10,8 @@ Every backend returns the same thing, so the generate stage writes the same Parq
 temperature 0 means greedy (n must be 1).
 
     base.py          SamplingSpec, Completion, Group, the Backend protocol, stop_token_ids, trim_at_eos
-    hf.py            HFBackend: a transformers sampling loop (each prompt prefilled once; finished rows leave)
-    vllm_backend.py  VLLMBackend: vLLM's offline engine
+    hf.py            HFBackend: a transformers sampling loop (each prompt prefilled once; finished rows leave on the CPU)
+    vllm_backend.py  VLLMBackend: vLLM's offline engine (a worker keeps one and reloads its weights in place)
     data_parallel.py DataParallelBackend: D replicas of a backend in their own processes (data_parallel_size)
 
 BACKENDS maps each name to the module that defines its backend. Importing this package imports neither

@@ -127,7 +127,7 @@ class HFBackend:
         self.model, self.tokenizer = model.eval(), tokenizer
         self.tokenizer.padding_side = "left"
         self.prompts_per_batch = prompts_per_batch
-        self.compact = self.device.type == "cpu" if compact is None else compact
+        self.compact = compact
         self.autocast_dtype = getattr(torch, dtype) if dtype != "float32" else None
 
     @property
@@ -149,7 +149,8 @@ class HFBackend:
             with torch.no_grad(), torch.autocast(device.type, dtype=self.autocast_dtype or torch.bfloat16,
                                                  enabled=self.autocast_dtype is not None):
                 new_tokens, token_logp = sample(self.model, enc["input_ids"], enc["attention_mask"], sampling,
-                                                eos_ids, tok.pad_token_id, compact=self.compact)
+                                                eos_ids, tok.pad_token_id,
+                                                compact=device.type == "cpu" if self.compact is None else self.compact)
             new_tokens = new_tokens.tolist()
             token_logp = None if token_logp is None else token_logp.tolist()
             input_ids, attention = enc["input_ids"].tolist(), enc["attention_mask"].tolist()
