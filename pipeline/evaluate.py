@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None, *, cache: CheckpointCache | None = None)
             "completion": [c.text for c in completions], "completion_tokens": [len(c.token_ids) for c in completions],
             "finish_reason": [c.finish_reason for c in completions],
         })
-        columns, metrics = HELD_OUT_SCORERS.get(kinds[0])(samples, params)
+        columns, metrics = HELD_OUT_SCORERS.get(kinds[0])(samples, held_out["question"].tolist(), params)
         for name, values in columns.items():
             results[name] = values
         results["checkpoint_id"] = checkpoint_info(args.policy)["checkpoint_id"]

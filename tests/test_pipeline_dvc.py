@@ -87,6 +87,7 @@ def test_second_repro_runs_nothing(finished_project):
 def test_changing_a_reward_weight_reruns_scoring_onward_not_generation(finished_project, tmp_path):
     p = finished_project
     params = yaml.safe_load((p / "params.yaml").read_text())
+    before = params["reward"]["weights"]["format"]
     params["reward"]["weights"]["format"] = 0.5
     (p / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     status = dvc(p, "status", "--json").stdout
@@ -94,7 +95,7 @@ def test_changing_a_reward_weight_reruns_scoring_onward_not_generation(finished_
     assert {"score@1", "score@2"} <= stale
     assert not any(s.startswith("generate@1") for s in stale)
     # restore for the other tests
-    params["reward"]["weights"]["format"] = 0.1
+    params["reward"]["weights"]["format"] = before
     (p / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert json.loads(dvc(p, "status", "--json").stdout) == {}
 

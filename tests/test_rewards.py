@@ -31,6 +31,7 @@ def sample(text: str, truth: str = "42", tokens: int = 10, finish: str = "stop")
     # cut off mid-calculation: never states an answer; only the lenient last-number fallback pays it
     ("She has 20 apples and gets 22 more, so 20 + 22 = 42 and then", 0.0, 1.0),
     ("#### 41\nwait, 20 + 22 = 42", 0.0, 0.0),  # the stated answer is 41
+    ("#### 42\nI hope that helps!", 0.0, 1.0),  # right, but not on the last line as the prompt asks
     ("#### forty-two", 0.0, 0.0),
     ("", 0.0, 0.0),
 ])
@@ -89,7 +90,8 @@ def test_math_verify_times_out_instead_of_hanging():
 
 @pytest.mark.parametrize("strict", [True, False])
 def test_evaluate_reports_strict_and_lenient_accuracy_whatever_the_training_reward(strict):
-    """eval/accuracy follows reward.strict_answer; eval/accuracy_strict and eval/accuracy_lenient never move."""
+    """eval/accuracy follows reward.strict_answer; eval/accuracy_strict, eval/accuracy_lenient, the format rate and
+    the rate of answers copied from the question never move."""
     import dataclasses
 
     from grpo.config import load_params
@@ -97,11 +99,14 @@ def test_evaluate_reports_strict_and_lenient_accuracy_whatever_the_training_rewa
 
     samples = [Sample("3 + 4 = 7\n#### 7", "7", 9, "stop"),  # right, stated as asked
                Sample("3 + 4 = 7. The answer is 7", "7", 10, "stop"),  # right, not as asked
-               Sample("#### 8", "7", 3, "stop")]  # wrong, formatted
+               Sample("#### 8", "7", 3, "stop"),  # wrong, formatted
+               Sample("#### 4", "7", 3, "stop")]  # wrong: a number of the question, copied
+    questions = ["What is 3 + 4?"] * 4
     params = load_params(ROOT / "params.yaml")
     params = dataclasses.replace(params, reward=dataclasses.replace(params.reward, strict_answer=strict))
-    columns, metrics = answer_scores(samples, params)
-    assert metrics["eval/accuracy_strict"] == pytest.approx(1 / 3)
-    assert metrics["eval/accuracy_lenient"] == pytest.approx(2 / 3)
-    assert metrics["eval/accuracy"] == pytest.approx(1 / 3 if strict else 2 / 3)
-    assert columns["correct_strict"] == [True, False, False] and metrics["eval/format_rate"] == pytest.approx(2 / 3)
+    columns, metrics = answer_scores(samples, questions, params)
+    assert metrics["eval/accuracy_strict"] == pytest.approx(1 / 4)
+    assert metrics["eval/accuracy_lenient"] == pytest.approx(2 / 4)
+    assert metrics["eval/accuracy"] == pytest.approx(1 / 4 if strict else 2 / 4)
+    assert columns["correct_strict"] == [True, False, False, False] and metrics["eval/format_rate"] == pytest.approx(3 / 4)
+    assert columns["copied_answer"] == [False, False, False, True] and metrics["eval/copied_answer_rate"] == 0.25

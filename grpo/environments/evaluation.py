@@ -1,8 +1,9 @@
 """How the evaluate stage scores a checkpoint's greedy completions of the held-out prompts, by the kind of their
 ground truth (grpo.environments.scoring.ground_truth_kind): each scorer returns per-problem columns and metrics.
 
-    answer         eval/accuracy (correctness as reward.strict_answer reads it), eval/accuracy_strict (the
-                   '#### N' line only), eval/accuracy_lenient, eval/format_rate
+    answer         eval/accuracy (correctness as reward.strict_answer reads it), eval/accuracy_strict (a last
+                   line '#### N', right), eval/accuracy_lenient, eval/format_rate (a last line '#### N'),
+                   eval/copied_answer_rate (a wrong final answer that is one of the question's own numbers)
     code_tests     eval/pass_rate: the fraction whose greedy program passes every test (code_tests with
                    all_or_nothing, in the sandbox, with reward.code_tests' limits and reward.sandbox)
     reasoning_gym  eval/accuracy: the mean of the generators' verifier scores; eval/format_rate: the fraction
@@ -15,19 +16,22 @@ import dataclasses
 from typing import Callable
 
 from grpo.config import Params
+from grpo.environments.answers import final_answer, numbers_in
 from grpo.environments.reasoning_gym_tasks import extract_answer
 from grpo.environments.rewards import RewardSettings, Sample
 from grpo.environments.scoring import reward_settings, score_completions
 from grpo.registry import Registry
 
-HeldOutScorer = Callable[[list[Sample], Params], "tuple[dict[str, list], dict[str, float]]"]
+# (samples, the questions they answer, params) -> (per-problem columns, metrics)
+HeldOutScorer = Callable[[list[Sample], list[str], Params], "tuple[dict[str, list], dict[str, float]]"]
 HELD_OUT_SCORERS: Registry[HeldOutScorer] = Registry("held-out scorer")
 
 
 @HELD_OUT_SCORERS.register("answer")
-def answer_scores(samples: list[Sample], params: Params) -> tuple[dict, dict]:
-    """Correctness as the training reward counts it (reward.strict_answer), leniently for comparison, and the
-    format: (per-problem columns, metrics)."""
+def answer_scores(samples: list[Sample], questions: list[str], params: Params) -> tuple[dict, dict]:
+    """Correctness as the training reward counts it (reward.strict_answer), leniently for comparison, the
+    format, and a shortcut a policy can learn, copying a number of the question: (per-problem columns,
+    metrics)."""
     settings = {strict: RewardSettings(dataclasses.replace(params.reward, strict_answer=strict),
                                      params.eval.max_new_tokens)
                 for strict in (True, False)}
@@ -37,13 +41,17 @@ def answer_scores(samples: list[Sample], params: Params) -> tuple[dict, dict]:
     correct = {strict: [v == 1.0 for v in scores[strict]["reward_correctness"]] for strict in (True, False)}
     columns = {"correct": correct[params.reward.strict_answer], "correct_strict": correct[True],
                "correct_lenient": correct[False], "format_ok": [v == 1.0 for v in scores[True]["reward_format"]]}
+    answers = [final_answer(s.completion, strict=False) for s in samples]
+    columns["copied_answer"] = [answer is not None and not right and answer.replace(",", "") in numbers_in(question)
+                                for answer, right, question in zip(answers, correct[False], questions)]
     return columns, {"eval/accuracy": _mean(columns["correct"]), "eval/accuracy_strict": _mean(columns["correct_strict"]),
                      "eval/accuracy_lenient": _mean(columns["correct_lenient"]),
-                     "eval/format_rate": _mean(columns["format_ok"])}
+                     "eval/format_rate": _mean(columns["format_ok"]),
+                     "eval/copied_answer_rate": _mean(columns["copied_answer"])}
 
 
 @HELD_OUT_SCORERS.register("code_tests")
-def code_scores(samples: list[Sample], params: Params) -> tuple[dict, dict]:
+def code_scores(samples: list[Sample], questions: list[str], params: Params) -> tuple[dict, dict]:
     """Pass@1 of the greedy programs: every test must pass (all_or_nothing), whatever the training reward
     counts. The reason a program fails is kept per problem ("error")."""
     reward = dataclasses.replace(params.reward, code_tests=dataclasses.replace(params.reward.code_tests, all_or_nothing=True))
@@ -54,7 +62,7 @@ def code_scores(samples: list[Sample], params: Params) -> tuple[dict, dict]:
 
 
 @HELD_OUT_SCORERS.register("reasoning_gym")
-def reasoning_gym_scores(samples: list[Sample], params: Params) -> tuple[dict, dict]:
+def reasoning_gym_scores(samples: list[Sample], questions: list[str], params: Params) -> tuple[dict, dict]:
     """The generators' own verifiers (some give partial credit: accuracy is the mean score)."""
     scores = score_completions(samples, {"reasoning_gym": 1.0}, reward_settings(params))
     columns = {"score": scores["reward_reasoning_gym"], "correct": [v == 1.0 for v in scores["reward_reasoning_gym"]],
