@@ -324,7 +324,7 @@ def _params(**sections) -> dict:
     ({"prompts": {"tests_column": "tests"}},
      "prompts.tests_column = 'tests' is not allowed; expected null when prompts.source is 'synthetic'"),
     ({"prompts": {"source": "humaneval"}},
-     "reward.weights = {'correctness': 1.0, 'format': 0.1} is not allowed; expected a mapping with code_tests"),
+     "reward.weights = {'correctness': 1.0, 'format': 0.0} is not allowed; expected a mapping with code_tests"),
     ({"reward": {"weights": {"correctness": 1.0, "code_tests": 1.0}}},
      "reward.weights.code_tests = 1.0 is not allowed; expected no weight: code_tests scores only prompts.source humaneval"),
     ({"prompts": {"source": "reasoning_gym"}}, "expected a mapping with reasoning_gym for prompts.source reasoning_gym"),
