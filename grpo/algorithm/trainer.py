@@ -279,7 +279,9 @@ def optimizer_step(policy, optimizer, rollouts: Rollouts, minibatch: list[int], 
     tokens = 0.0
     size = cfg.optim.micro_batch_size
     device_type = torch.device(device).type
-    with mixed_precision(device_type, cfg.optim.bf16):  # each trained weight cast to bf16 once this step
+    # each trained weight cast to bf16 once this step; the backward pass (and gradient checkpointing's recompute
+    # of the forward) on the forward's attention kernels
+    with mixed_precision(device_type, cfg.optim.bf16), sdpa_kernel(PACKED_SDPA_BACKENDS):
         for j, (idx, batch, mask) in enumerate(zip(micro, batches, masks)):
             rows = idx or minibatch[:1]
             width = batch.completion_ids.shape[1]
