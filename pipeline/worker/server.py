@@ -113,8 +113,7 @@ def serve(cache_gb: float, idle_timeout: float) -> None:
                 conn, _ = server.accept()
             except TimeoutError:
                 print(f"worker: no stage for {idle_timeout:g} s; exiting", flush=True)
-                SOCKET.unlink(missing_ok=True)  # no new stage finds it; one that connected just now starts another
-                break
+                break  # (finally:) the socket goes; a stage that connected just now gets no reply and starts another
             try:
                 with conn.makefile("r", encoding="utf-8") as reader:
                     request = json.loads(reader.readline())
@@ -125,17 +124,17 @@ def serve(cache_gb: float, idle_timeout: float) -> None:
                 send_message(conn, {"exit": 0})
                 conn.close()
                 break
-            reason = None
+            reason, stops = None, False  # stops: the worker is stale, the stage starts a fresh one
             if Path(request["cwd"]).resolve() != root:
                 reason = f"it serves {root}, not {request['cwd']}"
             elif request["module"] not in STAGES:
                 reason = f"it runs only {', '.join(STAGES)}"
             elif request["env"] != env:
                 reason = "the stage's environment (CUDA_*, OMP_*, HF_*, ...) differs from the worker's; it stops"
+                stops = True
             elif code_stamp(root) != code:
-                reason = "the code changed since it started; it stops"
+                reason, stops = "the code changed since it started; it stops", True
             if reason is not None:
-                stops = reason.endswith("it stops")
                 if stops:  # gone (its engine too) before the stage hears it, so that the stage starts a fresh one
                     server.close()
                     SOCKET.unlink(missing_ok=True)
