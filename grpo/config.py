@@ -138,6 +138,28 @@ class CodeTestsConfig:
 
 
 @dataclass(frozen=True)
+class HumanConfig:
+    """reward.human: people's ratings of the completions (data/ratings/<k>.parquet) as the reward `human`."""
+
+    min_rating: int = _spec(allowed="an integer")  # the scale's lowest rating: reward_human 0
+    max_rating: int = _spec(allowed="an integer")  # the scale's highest rating: reward_human 1
+    groups_per_iteration: int = _spec(**_positive_int())  # groups a person rates per iteration (the first ones)
+    # a completion without a rating: stop (the score stage says how many await ratings and how to rate them)
+    # or model (the reward model trained on the ratings so far scores it)
+    unrated: str = _spec(**_choice(["stop", "model"]))
+
+
+@dataclass(frozen=True)
+class RewardModelConfig:
+    """reward.reward_model: the reward model trained on every rating so far (grpo/models/reward_model.py)."""
+
+    heldout_fraction: float = _spec(allowed="a float in [0, 1)", check=lambda v: 0 <= v < 1)  # groups held out
+    steps: int = _spec(**_positive_int())  # full-batch optimizer steps of the head
+    learning_rate: float = _spec(allowed="a float > 0", check=lambda v: v > 0)
+    weight_decay: float = _spec(allowed="a float >= 0", check=lambda v: v >= 0)
+
+
+@dataclass(frozen=True)
 class RewardConfig:
     # reward name -> weight; reward = sum_k weight_k * reward_k
     weights: dict[str, float] = _spec(
@@ -153,6 +175,8 @@ class RewardConfig:
     code_tests: CodeTestsConfig
     # where code_tests runs the programs: bwrap (grpo.environments.sandbox), or none = UNSAFE, unconfined, for trusted code
     sandbox: str = _spec(**_choice(["bwrap", "none"]))
+    human: HumanConfig
+    reward_model: RewardModelConfig
 
 
 @dataclass(frozen=True)
@@ -265,6 +289,15 @@ def _cross_field_checks(p: Params) -> list[tuple[str, Any, str]]:
     if "overlong" in p.reward.weights and p.reward.overlong_buffer > p.rollout.max_new_tokens:
         bad.append(("reward.overlong_buffer", p.reward.overlong_buffer,
                     f"an integer <= rollout.max_new_tokens ({p.rollout.max_new_tokens})"))
+    human = p.reward.human
+    if human.max_rating <= human.min_rating:
+        bad.append(("reward.human.max_rating", human.max_rating, f"an integer > reward.human.min_rating ({human.min_rating})"))
+    if ("human" in p.reward.weights and human.unrated == "stop"
+            and human.groups_per_iteration < p.rollout.prompts_per_iteration):
+        bad.append(("reward.human.groups_per_iteration", human.groups_per_iteration,
+                    f"an integer >= rollout.prompts_per_iteration ({p.rollout.prompts_per_iteration}) with "
+                    "reward.human.unrated stop (every group rated), or reward.human.unrated model (the reward model "
+                    "scores the groups left unrated)"))
     if p.optim.minibatch_size % p.optim.micro_batch_size:
         bad.append(("optim.micro_batch_size", p.optim.micro_batch_size, f"a divisor of optim.minibatch_size ({p.optim.minibatch_size})"))
     return bad

@@ -112,7 +112,23 @@ ADVANTAGE_FIELDS = SCORED_FIELDS + [
 ]
 ADVANTAGES = Contract("advantages", pa.schema(ADVANTAGE_FIELDS), prefixed={"reward_": pa.float64()}, checks=_ROLLOUT_CHECKS)
 
-CONTRACTS = {c.name: c for c in (PROMPTS, ROLLOUTS, SCORED, ADVANTAGES)}
+# people's ratings of iteration k's completions (data/ratings/<k>.parquet; grpo/environments/human.py): the
+# completion's key (iteration, group_id, sample_index), the rating on reward.human's scale, who and when; the
+# prompt and completion rated are kept beside them, so the table reads on its own and trains the reward model
+RATING_FIELDS = [
+    pa.field("iteration", pa.int64(), nullable=False),
+    pa.field("group_id", pa.string(), nullable=False),
+    pa.field("sample_index", pa.int64(), nullable=False),
+    pa.field("rating", pa.int64(), nullable=False),  # on reward.human's scale, min_rating..max_rating
+    pa.field("rater", pa.string(), nullable=False),
+    pa.field("rated_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    pa.field("comment", pa.string(), nullable=True),
+    pa.field("prompt", pa.string(), nullable=False),
+    pa.field("completion", pa.string(), nullable=False),
+]
+RATINGS = Contract("ratings", pa.schema(RATING_FIELDS))
+
+CONTRACTS = {c.name: c for c in (PROMPTS, ROLLOUTS, SCORED, ADVANTAGES, RATINGS)}
 
 
 def validate(table: pa.Table, contract: Contract, source: str = "<table>") -> pa.Table:

@@ -19,6 +19,9 @@ with all_or_nothing, else the fraction of tests passed; why it is not 1 (a faile
 returned with it as a RewardResult and lands in the score stage's reward_error column.
 `reasoning_gym` scores the stated answer with the reasoning-gym generator's own verifier
 (grpo.environments.reasoning_gym_tasks).
+`human` is a person's rating of the completion, mapped to [0, 1] (grpo.environments.human); a completion without
+one stops the scoring with a message, or with reward.human.unrated: model gets the reward model's score.
+`reward_model` is the score of the reward model trained on the ratings so far (grpo.models.reward_model), in [0, 1].
 
 A reward returns a float, or a RewardResult(score, error) when it has a reason to record. A reward may also
 register a batch form (BATCH_REWARD_FUNCTIONS: (samples, settings) -> one result per sample), which scoring
@@ -29,11 +32,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 from grpo.environments import code_tasks, reasoning_gym_tasks
+from grpo.environments.human import IterationRatings
 from grpo.environments.answers import LENIENT_ANSWERS, NUMBER, STATED_ANSWER, final_answer
 from grpo.config import RewardConfig
+from grpo.errors import ConfigError, InputError
 from grpo.registry import Registry
 
 # math-verify stops a parse or a comparison after this many seconds (SIGALRM: stages score in their main
@@ -49,14 +54,19 @@ class Sample:
     ground_truth: str
     completion_tokens: int  # sampled tokens, EOS included
     finish_reason: str  # "stop" (EOS) or "length" (cut at max_new_tokens)
+    key: Optional[tuple[str, int]] = None  # (group_id, sample_index) of a rollouts row: what `human` looks up
+    prompt: str = ""  # the rendered prompt (the reward model reads prompt + completion)
 
 
 @dataclass(frozen=True)
 class RewardSettings:
     """What the reward functions read: params.yaml's reward section as it is, and the completions' length limit."""
 
-    reward: RewardConfig  # strict_answer, overlong_buffer (DAPO's L_cache), code_tests, sandbox
+    reward: RewardConfig  # strict_answer, overlong_buffer (DAPO's L_cache), code_tests, sandbox, human
     max_completion_tokens: int  # rollout.max_new_tokens (DAPO's L_max)
+    ratings: Optional[IterationRatings] = None  # `human`: the iteration's ratings (the score stage reads them)
+    # `reward_model` (and `human`'s unrated completions with unrated: model): samples -> scores in [0, 1]
+    reward_model: Optional[Callable[[Sequence["Sample"]], list[float]]] = None
 
 
 @dataclass(frozen=True)
@@ -142,3 +152,39 @@ def code_tests_batch(samples: Sequence[Sample], settings: RewardSettings) -> lis
 def reasoning_gym_reward(sample: Sample, settings: RewardSettings) -> float:
     """The reasoning-gym generator's own verifier on the completion's stated answer (grpo.environments.reasoning_gym_tasks)."""
     return reasoning_gym_tasks.score_completion(sample.completion, sample.ground_truth)
+
+
+@REWARD_FUNCTIONS.register("human")
+def human(sample: Sample, settings: RewardSettings) -> float:
+    """A person's rating of the completion, in [0, 1] (grpo.environments.human)."""
+    return human_batch([sample], settings)[0]
+
+
+@BATCH_REWARD_FUNCTIONS.register("human")
+def human_batch(samples: Sequence[Sample], settings: RewardSettings) -> list[float]:
+    """The ratings of the samples' completions; unrated ones stop the scoring (InputError saying how many await
+    ratings and how to rate them), or with reward.human.unrated: model get the reward model's scores."""
+    if settings.ratings is None:
+        raise ConfigError("the human reward needs the iteration's ratings: score with pipeline/score.py --ratings")
+    values = [settings.ratings.values.get(s.key) for s in samples]
+    unrated = [i for i, v in enumerate(values) if v is None]
+    if unrated and settings.reward.human.unrated != "model":
+        raise InputError(settings.ratings.awaiting([samples[i].key for i in unrated], len(samples)))
+    if unrated:
+        for i, score in zip(unrated, reward_model_batch([samples[i] for i in unrated], settings)):
+            values[i] = score
+    return values
+
+
+@REWARD_FUNCTIONS.register("reward_model")
+def reward_model(sample: Sample, settings: RewardSettings) -> float:
+    """The reward model's score of the completion, in [0, 1] (grpo.models.reward_model)."""
+    return reward_model_batch([sample], settings)[0]
+
+
+@BATCH_REWARD_FUNCTIONS.register("reward_model")
+def reward_model_batch(samples: Sequence[Sample], settings: RewardSettings) -> list[float]:
+    if settings.reward_model is None:
+        raise ConfigError("the reward_model reward needs a trained reward model: score with pipeline/score.py "
+                          "--reward-model data/reward_models/<k> (stage reward-model@k)")
+    return [float(v) for v in settings.reward_model(list(samples))]

@@ -69,9 +69,16 @@ def _as_pair(result: float | RewardResult) -> tuple[float, str | None]:
     return float(result), None
 
 
-def reward_settings(params) -> RewardSettings:
-    """The reward functions' settings from the typed params (grpo.config.Params)."""
-    return RewardSettings(params.reward, max_completion_tokens=params.rollout.max_new_tokens)
+def reward_settings(params, *, ratings=None, reward_model=None) -> RewardSettings:
+    """The reward functions' settings from the typed params (grpo.config.Params); `ratings` and `reward_model`
+    for the human and reward_model rewards (see RewardSettings)."""
+    return RewardSettings(params.reward, max_completion_tokens=params.rollout.max_new_tokens, ratings=ratings,
+                          reward_model=reward_model)
+
+
+def needs_reward_model(reward) -> bool:
+    """Whether scoring with params.reward calls the reward model: weighted, or scoring unrated completions."""
+    return "reward_model" in reward.weights or ("human" in reward.weights and reward.human.unrated == "model")
 
 
 def check_reward_requirements(reward) -> None:
@@ -99,7 +106,8 @@ def ground_truth_kind(ground_truth: str) -> str:
 
 def samples_from_table(table) -> list[Sample]:
     """Samples from a rollouts table (pyarrow or pandas) with the ROLLOUTS columns."""
+    names = ("completion", "ground_truth", "completion_tokens", "finish_reason", "group_id", "sample_index", "prompt")
     columns = {name: (table[name].to_pylist() if hasattr(table[name], "to_pylist") else list(table[name]))
-               for name in ("completion", "ground_truth", "completion_tokens", "finish_reason")}
-    return [Sample(*row) for row in zip(columns["completion"], columns["ground_truth"], columns["completion_tokens"],
-                                        columns["finish_reason"], strict=True)]
+               for name in names}
+    return [Sample(c, truth, tokens, finish, key=(group, index), prompt=prompt)
+            for c, truth, tokens, finish, group, index, prompt in zip(*(columns[n] for n in names), strict=True)]

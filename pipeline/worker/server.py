@@ -23,8 +23,8 @@ from pipeline import stage
 from pipeline.worker.client import IDLE_SECONDS, SOCKET, relevant_env, send_message, stop
 
 # the stages a worker runs -> whether their main(argv, *, cache) loads checkpoints (and takes the worker's cache)
-STAGES = {"pipeline.generate": True, "pipeline.score": False, "pipeline.advantages": False, "pipeline.update": True,
-          "pipeline.evaluate": True}
+STAGES = {"pipeline.generate": True, "pipeline.reward_model": True, "pipeline.score": True,
+          "pipeline.advantages": False, "pipeline.update": True, "pipeline.evaluate": True}
 
 
 class StageCancelled(BaseException):
