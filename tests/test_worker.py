@@ -139,3 +139,26 @@ def test_another_environment_gets_a_fresh_worker_and_off_runs_the_stage_alone(tm
         assert (project / "data/advantages/1.parquet").exists()
     finally:
         stop_worker(project)
+
+
+def test_an_exiting_worker_leaves_the_socket_of_the_worker_started_after_it(tmp_path, tiny_model_dir):
+    """A stage that finds the worker exiting starts the next one at once; the exiting one's clean-up must not
+    remove the next one's socket (its stage would wait for a socket that never comes, then run alone)."""
+    import socket
+
+    project = make_project(tmp_path / "p", small_params(tiny_model_dir, iterations=1))
+    sock = project / ".grpo/worker.sock"
+    first = subprocess.Popen([sys.executable, "-m", "pipeline.worker", "--idle-timeout", "3"], cwd=project, env=env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not sock.exists():
+        assert time.time() < deadline and first.poll() is None, "the worker did not start"
+        time.sleep(0.1)
+    # what the next worker does while the first is still there: a new socket file at the same path
+    sock.unlink()
+    nxt = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    nxt.bind(str(sock))
+    nxt.listen()
+    assert first.wait(timeout=120) == 0  # idle: it exits
+    assert sock.exists(), "the exiting worker removed the socket of the worker started after it"
+    nxt.close()

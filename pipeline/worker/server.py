@@ -65,6 +65,16 @@ def code_stamp(root: Path) -> tuple:
     return tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files)
 
 
+def remove_socket(inode: int) -> None:
+    """Remove this worker's socket file, not one a worker started after it made: a stage that found this one
+    exiting may already have started the next, whose socket has the same path."""
+    try:
+        if SOCKET.stat().st_ino == inode:
+            SOCKET.unlink()
+    except FileNotFoundError:
+        pass
+
+
 def serve(cache_gb: float, idle_timeout: float) -> None:
     import importlib
     import signal
@@ -85,6 +95,7 @@ def serve(cache_gb: float, idle_timeout: float) -> None:
     SOCKET.unlink(missing_ok=True)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(str(SOCKET))
+    ours = SOCKET.stat().st_ino  # the socket file this worker made (a worker started after it makes another)
     server.listen()
     server.settimeout(idle_timeout or None)  # 0: no idle timeout
     running = threading.Event()
@@ -137,7 +148,7 @@ def serve(cache_gb: float, idle_timeout: float) -> None:
             if reason is not None:
                 if stops:  # gone (its engine too) before the stage hears it, so that the stage starts a fresh one
                     server.close()
-                    SOCKET.unlink(missing_ok=True)
+                    remove_socket(ours)
                     cache.close_engine()
                 send_message(conn, {"declined": reason, "stopped": stops})
                 conn.close()
@@ -187,7 +198,7 @@ def serve(cache_gb: float, idle_timeout: float) -> None:
             conn.close()
     finally:  # idle, stopped, or stale: its engine's processes leave with it
         cache.close_engine()
-        SOCKET.unlink(missing_ok=True)
+        remove_socket(ours)
 
 
 def main(argv: list[str] | None = None) -> None:
