@@ -21,6 +21,10 @@ Per flow run:
      every output is written atomically); a stage stopped by a user error (it printed `error: ...` and
      exited with status 2, grpo.errors.USER_ERROR_EXIT: a bad parameter or input file, a NaN loss) is not,
      as the same inputs give the same error: the flow run fails at once with that line;
+     with `human` in params.yaml's reward.weights, iteration k's completions are rated after generate@k and
+     before the stages that read data/ratings (reward-model@k, score@k): the rating flow grpo-rate
+     (flows/rate_flow.py) runs as a subflow, whose run pauses on a form in the Prefect UI, and this run waits
+     for it (--rating-timeout); an iteration rated already (in the UI, a terminal or from a CSV) goes on at once;
   3. artifacts (flows/artifacts.py): for each iteration this run (re)computed, a table of its metrics and a
      markdown sample of completions (best and worst of a few groups, with rewards and advantages); a progress
      artifact across the run's iterations; after report, the history table of every iteration.
@@ -55,6 +59,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows import artifacts
+from flows.rate_flow import RATING_TIMEOUT, grpo_rate
 from grpo.errors import USER_ERROR_EXIT, InputError
 from pipeline.params_file import edit_params, extend_iterations, iteration_keys, iterations_mapping
 
@@ -89,10 +94,11 @@ class StageCrash(StageError):
 
 @dataclass(frozen=True)
 class PlannedStage:
-    name: str  # the DVC stage name: check-inputs, generate@3, ...
+    name: str  # the DVC stage name: check-inputs, generate@3, ...; rate@k for a rating step
     iteration: str | None  # k for a stage of dvc.yaml's foreach over train.iterations, else None
     deps: tuple[str, ...]
     outs: tuple[str, ...]  # outs, metrics and plots
+    rating: bool = False  # not a DVC stage: iteration k's rating step (flows/rate_flow.py), see with_rating_steps
 
 
 def _dvc_path(text: str) -> str:
@@ -176,6 +182,50 @@ def stage_plan(workspace: str | Path, keys: list[str]) -> list[PlannedStage]:
     plan = before + [PlannedStage(f"{name}@{k}", k, *_expand(spec, k, str(int(k) - 1)))
                      for k in keys for name, spec in per_iteration] + after
     return _dependency_order(plan)
+
+
+RATINGS_DIR = "data/ratings"  # the folder of people's ratings, a dependency of reward-model@k and score@k
+
+
+def rates_by_human(params_path: Path) -> bool:
+    """Whether params.yaml's reward.weights has `human` (read as it is: check-inputs validates it)."""
+    try:
+        weights = ((yaml.safe_load(Path(params_path).read_text()) or {}).get("reward") or {}).get("weights")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return False
+    return isinstance(weights, dict) and "human" in weights
+
+
+def with_rating_steps(plan: list[PlannedStage]) -> list[PlannedStage]:
+    """The plan with a rating step rate@k for each iteration k (people rate data/rollouts/<k>.parquet into
+    data/ratings/<k>.parquet): after the stage that writes the rollouts (generate@k), before the first stage of
+    iteration k that reads data/ratings (reward-model@k, score@k). A stage of iteration k depends on the whole
+    folder in dvc.yaml; it is ordered here as depending on data/ratings/<k>.parquet only, else it would wait for
+    the ratings of later iterations too."""
+    def reads_ratings(s: PlannedStage) -> bool:
+        return any(d == RATINGS_DIR or d.startswith(RATINGS_DIR + "/") for d in s.deps)
+
+    keys = list(dict.fromkeys(s.iteration for s in plan if s.iteration is not None and reads_ratings(s)))
+    if not keys:
+        return plan
+    ordered: list[PlannedStage] = []
+    placed: set[str] = set()
+    for s in plan:
+        if s.iteration in keys and reads_ratings(s):
+            s = PlannedStage(s.name, s.iteration, tuple(f"{RATINGS_DIR}/{s.iteration}.parquet" if d == RATINGS_DIR else d
+                                                        for d in s.deps), s.outs)
+        ordered.append(s)
+        k = s.iteration
+        if k in keys and k not in placed and f"data/rollouts/{k}.parquet" in s.outs:
+            ordered.append(PlannedStage(f"rate@{k}", k, (f"data/rollouts/{k}.parquet",),
+                                        (f"{RATINGS_DIR}/{k}.parquet",), rating=True))
+            placed.add(k)
+    for k in keys:  # no stage writes the rollouts: before the first stage of iteration k
+        if k not in placed:
+            first = next(i for i, s in enumerate(ordered) if s.iteration == k)
+            ordered.insert(first, PlannedStage(f"rate@{k}", k, (), (f"{RATINGS_DIR}/{k}.parquet",), rating=True))
+    original = {s.name: s for s in plan}
+    return [original.get(s.name, s) if not s.rating else s for s in _dependency_order(ordered)]
 
 
 def stage_names(keys: list[str], workspace: str | Path | None = None) -> list[str]:
@@ -361,8 +411,11 @@ def _workspace(workspace: str | None) -> Path:
 ParamsEdit = Callable[[Path], dict[str, tuple[Any, Any]]]  # edits params.yaml, returns {key: (old, new)}
 
 
-def run_iterations(ws: Path, edit: ParamsEdit | None, stage_retries: int, retry_delay_seconds: float) -> dict:
-    """The body of both flows: edit params.yaml (under the workspace lock), run every stage, publish artifacts."""
+def run_iterations(ws: Path, edit: ParamsEdit | None, stage_retries: int, retry_delay_seconds: float,
+                   rating_timeout: int = RATING_TIMEOUT) -> dict:
+    """The body of both flows: edit params.yaml (under the workspace lock), run every stage, publish artifacts.
+    With `human` in reward.weights, each iteration's completions are rated after generate@k: the rating flow
+    runs as a subflow (grpo-rate, flows/rate_flow.py) and this run waits while it is paused on its form."""
     logger = get_run_logger()
     with workspace_lock(ws, RUN_LOCK, "the workspace (one flow run at a time)", logger):
         params_path = ws / "params.yaml"
@@ -378,13 +431,22 @@ def run_iterations(ws: Path, edit: ParamsEdit | None, stage_retries: int, retry_
                            "(the report reads every data/metrics/<k>/)", len(before), len(keys), len(keys) + 1, len(before))
         plan = stage_plan(ws, keys)
         logger.info("workspace %s: %d iterations, %d stages", ws, len(keys), len(plan))
+        if rates_by_human(params_path):
+            plan = with_rating_steps(plan)
+            logger.info("reward.weights has human: people rate each iteration's completions after it is generated "
+                        "(a grpo-rate subflow run pauses on its form in the Prefect UI)")
 
         progress = artifacts.start_progress(len(keys))
         stage = run_stage.with_options(retries=stage_retries, retry_delay_seconds=retry_delay_seconds)
-        last = {s.iteration: i for i, s in enumerate(plan) if s.iteration is not None}  # where iteration k ends
+        last = {s.iteration: i for i, s in enumerate(plan) if s.iteration is not None and not s.rating}  # iteration k's end
         results: list[dict] = []
+        ratings: dict[str, dict] = {}
         of_iteration: dict[str, list[dict]] = defaultdict(list)
         for i, planned in enumerate(plan):
+            if planned.rating:
+                ratings[planned.iteration] = grpo_rate(iteration=int(planned.iteration), workspace=str(ws),
+                                                       timeout=rating_timeout)
+                continue
             result = stage(planned.name, str(ws))
             results.append(result)
             k = planned.iteration
@@ -404,6 +466,8 @@ def run_iterations(ws: Path, edit: ParamsEdit | None, stage_retries: int, retry_
         "ran": [r["stage"] for r in results if r["status"] in ("ran", "restored")],
         "skipped": [r["stage"] for r in results if r["status"] == "skipped"],
     }
+    if ratings:
+        summary["rated"] = {k: r["rated"] for k, r in ratings.items()}
     logger.info("%d stages ran, %d were fresh (DVC skipped them)", len(summary["ran"]), len(summary["skipped"]))
     return summary
 
@@ -418,6 +482,7 @@ def grpo_train(
     workspace: str | None = None,
     stage_retries: int = 2,
     retry_delay_seconds: float = 10.0,
+    rating_timeout: int = RATING_TIMEOUT,
 ) -> dict:
     """Start or continue a GRPO run: write the overrides into params.yaml, then run every DVC stage
     (DVC skips the fresh ones).
@@ -431,6 +496,7 @@ def grpo_train(
         workspace: the project directory with dvc.yaml and params.yaml (default: the current directory)
         stage_retries: retries of a crashed stage (a stage stopped by a user error is not retried)
         retry_delay_seconds: seconds between a crashed stage and its retry
+        rating_timeout: with `human` in reward.weights, seconds an iteration's rating form waits for its answers
     """
     ws = _workspace(workspace)
     changes = dict(overrides or {})
@@ -442,7 +508,7 @@ def grpo_train(
             raise ValueError(f"iterations = {iterations} is not allowed; expected an integer >= 1")
         changes["train.iterations"] = iterations_mapping(iterations)
     return run_iterations(ws, (lambda path: edit_params(path, changes)) if changes else None, stage_retries,
-                          retry_delay_seconds)
+                          retry_delay_seconds, rating_timeout)
 
 
 @flow(name="grpo-extend")
@@ -451,6 +517,7 @@ def grpo_extend(
     workspace: str | None = None,
     stage_retries: int = 2,
     retry_delay_seconds: float = 10.0,
+    rating_timeout: int = RATING_TIMEOUT,
 ) -> dict:
     """Extend the run by k iterations (params.yaml train.iterations gets "N+1": N, ...), then run every stage.
 
@@ -459,6 +526,7 @@ def grpo_extend(
         workspace: the project directory with dvc.yaml and params.yaml (default: the current directory)
         stage_retries: retries of a crashed stage (a stage stopped by a user error is not retried)
         retry_delay_seconds: seconds between a crashed stage and its retry
+        rating_timeout: with `human` in reward.weights, seconds an iteration's rating form waits for its answers
     """
     if add_iterations < 1:
         raise ValueError(f"add_iterations = {add_iterations} is not allowed; expected an integer >= 1")
@@ -469,7 +537,7 @@ def grpo_extend(
         n = extend_iterations(params_path, add_iterations)
         return {"train.iterations": (iterations_mapping(n - add_iterations), iterations_mapping(n))}
 
-    return run_iterations(ws, extend, stage_retries, retry_delay_seconds)
+    return run_iterations(ws, extend, stage_retries, retry_delay_seconds, rating_timeout)
 
 
 # -------------------------------------------------------------------------------------------------- CLI
@@ -495,8 +563,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retries", type=int, default=2,
                         help="retries of a crashed stage (a user error, exit status 2, is not retried)")
     parser.add_argument("--retry-delay", type=float, default=10.0, help="seconds before a retry")
+    parser.add_argument("--rating-timeout", type=int, default=RATING_TIMEOUT,
+                        help="with human in reward.weights: seconds an iteration's rating form waits (default a day)")
     args = parser.parse_args(argv)
-    common = dict(workspace=args.workspace, stage_retries=args.retries, retry_delay_seconds=args.retry_delay)
+    common = dict(workspace=args.workspace, stage_retries=args.retries, retry_delay_seconds=args.retry_delay,
+                  rating_timeout=args.rating_timeout)
     if args.extend is not None:
         if any(v is not None for v in (args.iterations, args.group_size, args.learning_rate, args.beta)) or args.set:
             parser.error("--extend takes no overrides: run a grpo-train flow for those")

@@ -4,12 +4,15 @@
     export PREFECT_API_URL=http://127.0.0.1:4200/api
     python -m flows.serve                                            # in another, from the project root
 
-Two deployments, both running the DVC stages of this workspace (DVC skips what is fresh):
+Three deployments for this workspace; the first two run its DVC stages (DVC skips what is fresh):
   grpo-train/train    start or continue a run; "Custom run" in the UI takes the overrides
                       (iterations, group_size, learning_rate, beta, any other key in `overrides`)
   grpo-extend/extend  on a schedule (--every MINUTES, default 60, or --cron), adds --add K iterations
                       (default 1) to params.yaml train.iterations and runs them; at most one at a time
                       (a scheduled run that comes while one is running is cancelled)
+  grpo-rate/rate      rate iteration k's completions (the `human` reward): "Custom run" with `iteration`;
+                      the run pauses on a form (its page's Resume button) and writes data/ratings/<k>.parquet
+                      (flows/rate_flow.py; grpo-train runs it itself after generate@k when human is weighted)
 
 The flow runs execute in subprocesses of this process; stop it with Ctrl-C (its schedules are paused).
 """
@@ -24,11 +27,12 @@ from prefect import serve
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 
 from flows.grpo_flow import grpo_extend, grpo_train
+from flows.rate_flow import grpo_rate
 
 
 def deployments(workspace: str | Path, every_minutes: float = 60.0, cron: str | None = None, add: int = 1,
                 paused: bool = False, retries: int = 2, retry_delay_seconds: float = 10.0) -> list:
-    """The train deployment and the scheduled extend deployment, bound to one workspace."""
+    """The train deployment, the scheduled extend deployment and the rate deployment, bound to one workspace."""
     ws = str(Path(workspace).expanduser().resolve())
     if not (Path(ws) / "dvc.yaml").exists():
         raise SystemExit(f"error: {ws}: no dvc.yaml (run from the project root or pass --workspace)")
@@ -51,7 +55,14 @@ def deployments(workspace: str | Path, every_minutes: float = 60.0, cron: str | 
         tags=["grpo"],
         **schedule,
     )
-    return [train, extend]
+    rate = grpo_rate.to_deployment(
+        name="rate",
+        parameters={"workspace": ws},
+        description=f"Rate an iteration's completions in {ws} (the human reward): the run pauses on a form; "
+                    "press Resume on its page, fill it in, Submit. Writes data/ratings/<k>.parquet.",
+        tags=["grpo"],
+    )
+    return [train, extend, rate]
 
 
 def main(argv: list[str] | None = None) -> None:

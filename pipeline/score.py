@@ -24,6 +24,7 @@ import pyarrow as pa
 
 from grpo.config import load_params
 from grpo.contracts import ROLLOUTS, SCORED, read_table, write_table
+from grpo.errors import ConfigError
 from grpo.algorithm.metrics import reward_metrics
 from grpo.environments.human import iteration_ratings
 from grpo.environments.scoring import (check_reward_requirements, needs_reward_model, reward_settings,
@@ -34,9 +35,9 @@ from pipeline.stage import iteration_parser, run, stage
 
 def main(argv: list[str] | None = None, *, cache=None) -> None:
     """`cache`: a long-lived worker's checkpoints in memory (pipeline/worker/), for the reward model's base."""
-    parser = iteration_parser(__doc__, rollouts="rollouts Parquet of iteration k",
-                              ratings="folder of people's ratings, <k>.parquet (the human reward)")
-    parser.add_argument("--reward-model", required=True, help="reward model folder of iteration k (reward-model@k)")
+    parser = iteration_parser(__doc__, rollouts="rollouts Parquet of iteration k")
+    parser.add_argument("--ratings", default="data/ratings", help="folder of people's ratings, <k>.parquet (reward human)")
+    parser.add_argument("--reward-model", help="reward model folder of iteration k (reward-model@k), where a reward uses it")
     args = parser.parse_args(argv)
     params = load_params(args.params)
     with stage(f"score@{args.iteration}", reads=[args.rollouts], writes=[args.out, args.metrics]) as log:
@@ -47,6 +48,9 @@ def main(argv: list[str] | None = None, *, cache=None) -> None:
         ratings = iteration_ratings(args.ratings, args.iteration, table, params.reward.human) if "human" in weights else None
         scorer = None
         if needs_reward_model(params.reward):
+            if args.reward_model is None:
+                raise ConfigError(f"score@{args.iteration}: reward.weights or reward.human.unrated use the reward "
+                                  "model; pass its folder with --reward-model data/reward_models/<k>")
             from grpo.models.reward_model import load_scorer
 
             scorer = load_scorer(args.reward_model, cache=cache)

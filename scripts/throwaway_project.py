@@ -15,7 +15,8 @@ import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ["dvc.yaml", "params.yaml", "grpo", "pipeline", "flows", ".dvcignore", "data/raw"]
+# data/ratings: only its README (the folder is a dependency of reward-model@k and score@k; no one's ratings)
+PROJECT_FILES = ["dvc.yaml", "params.yaml", "grpo", "pipeline", "flows", ".dvcignore", "data/raw", "data/ratings/README.md"]
 
 
 def small_params(model_dir: Path, iterations: int = 2, **sections) -> dict:

@@ -57,7 +57,7 @@ def test_bad_values_name_key_value_and_allowed(tmp_path, section, key, value, fr
 
 def test_unknown_reward_name(tmp_path):
     message = _error(tmp_path, lambda d: d["reward"]["weights"].__setitem__("corectness", 1.0))
-    assert "reward.weights.corectness = 1.0" in message and "one of code_tests, correctness, format, overlong, reasoning_gym" in message
+    assert "reward.weights.corectness = 1.0" in message and "one of code_tests, correctness, format, human, overlong, reasoning_gym, reward_model" in message
 
 
 def test_misspelled_key_suggests_the_right_one(tmp_path):

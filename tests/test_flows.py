@@ -1,25 +1,17 @@
 """Prefect flows that run the DVC stages, against a real Prefect server on a free loopback port, on a tiny
 model: one task run per stage, artifacts, DVC skipping fresh stages, retries of crashes (not of user errors),
-deployments, ephemeral mode.
-
-The machine may be a loaded 2-core one: every request to the server has a long timeout and idempotent ones are
-retried on timeouts and connection errors; every wait polls up to a generous deadline, then fails an assertion
-that says what it waited for."""
+deployments, ephemeral mode. The server and its API's helpers are in tests/prefect_server.py."""
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 import subprocess
 import sys
 import time
-import uuid
 import warnings
 from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
 import sqlalchemy
 import yaml
@@ -27,20 +19,10 @@ from filelock import FileLock
 
 from flows.grpo_flow import (DVC_LOCK, StageCrash, StageUserError, stage_exit_status, stage_failure, stage_names,
                              stream_command)
-from tests.project import ROOT, dvc, env, free_port, make_project, small_params, stop_process_group
+from tests.prefect_server import FLOW_RUN_TIMEOUT, STATE_TIMEOUT, Server, messages, prefect_env
+from tests.project import ROOT, dvc, env, make_project, small_params, stop_process_group
 
 pytestmark = pytest.mark.slow
-
-TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-
-# deadlines, generous for a loaded 2-core machine; each one ends in an assertion (or a timeout error) that says
-# what did not happen
-HTTP_TIMEOUT = 120.0  # one request to the loopback Prefect server
-HTTP_RETRY_FOR = 300.0  # an idempotent request is retried on timeouts, connection errors and 5xx this long
-SERVER_START = 300.0  # `prefect server start` answers /health
-FLOW_RUN_TIMEOUT = 1800.0  # one `python -m flows.grpo_flow` subprocess
-STATE_TIMEOUT = 600.0  # a flow run reaches a state
-LOGS_TIMEOUT = 180.0  # a log line reaches the API (logs are sent in batches)
 
 # the flow's own last log lines: they come after every task's (one process sends its logs in order)
 FLOW_DONE = "were fresh (DVC skipped them)"
@@ -51,152 +33,6 @@ FLOW_FAILED = "Encountered exception during execution"
 SQLALCHEMY_2_1 = tuple(int(x) for x in sqlalchemy.__version__.split(".")[:2]) >= (2, 1)
 SCHEDULER_BUG = (f"SQLAlchemy {sqlalchemy.__version__}: Prefect 3.7.7's scheduler cannot insert scheduled runs "
                  "('Can't evaluate bulk DML statement'); install sqlalchemy>=2.0,<2.1")
-
-
-
-def prefect_env(home: Path, api_url: str | None = None) -> dict:
-    """The project env, Prefect isolated in `home`; without api_url a flow runs in ephemeral mode."""
-    e = {k: v for k, v in env().items() if not k.startswith("PREFECT_")}
-    e.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false",
-             PREFECT_RUNNER_POLL_FREQUENCY="1", PREFECT_LOGGING_TO_API_BATCH_INTERVAL="0.5",
-             # a loaded machine: the clients (flow runs, flows.serve) wait longer for the server, the server for
-             # SQLite, and an ephemeral-mode flow run for its temporary server (20 s by default)
-             PREFECT_API_REQUEST_TIMEOUT=str(HTTP_TIMEOUT), PREFECT_SERVER_DATABASE_TIMEOUT="60",
-             PREFECT_SERVER_DATABASE_CONNECTION_TIMEOUT="30", PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="300")
-    if api_url:
-        e["PREFECT_API_URL"] = api_url
-    return e
-
-
-
-class Server:
-    """A `prefect server start` subprocess and the bits of its REST API the tests read."""
-
-    def __init__(self, home: Path):
-        self.home = home
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/api"
-        self.env = prefect_env(home, self.url)
-        self.log = home / "server.log"
-        self.retried: list[str] = []  # requests that were retried, and why
-        home.mkdir(parents=True, exist_ok=True)
-        prefect = shutil.which("prefect", path=self.env["PATH"])
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
-                                         env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        self.client = httpx.Client(base_url=self.url, timeout=HTTP_TIMEOUT)
-        deadline = time.monotonic() + SERVER_START
-        while True:
-            try:
-                if self.client.get("/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"prefect server did not answer /health within {SERVER_START:.0f}s "
-                                     f"(exit status {self.proc.returncode}):\n{self.log.read_text()[-3000:]}")
-            time.sleep(0.5)
-
-    def stop(self) -> None:
-        stop_process_group(self.proc)
-        self.client.close()
-
-    def request(self, method: str, path: str, body: dict | None = None, retry: bool = True) -> Any:
-        """The JSON answer of one API call. With retry (only for calls that may safely run twice), a timeout, a
-        connection error or a 5xx answer (SQLite busy) is retried for HTTP_RETRY_FOR seconds."""
-        deadline = time.monotonic() + HTTP_RETRY_FOR
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                response = self.client.request(method, path, json=body)
-                if response.status_code < 500 or not retry or time.monotonic() > deadline:
-                    return response.raise_for_status().json()
-                problem = f"HTTP {response.status_code}: {response.text[:300]}"
-            except httpx.TransportError as e:  # timeouts, refused or dropped connections
-                if not retry or time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise AssertionError(f"{method} {path}: no answer from the Prefect server after {attempt} "
-                                         f"attempt(s) ({e!r}; server exit status {self.proc.poll()}); "
-                                         f"server log:\n{self.log.read_text()[-2000:]}") from e
-                problem = repr(e)
-            self.retried.append(f"{method} {path} (attempt {attempt}): {problem}")
-            time.sleep(min(2.0 ** attempt, 15.0))
-
-    def get(self, path: str) -> Any:
-        return self.request("GET", path)
-
-    def post(self, path: str, body: dict | None = None) -> Any:
-        """A read through a POST (the /filter endpoints): safe to retry."""
-        return self.request("POST", path, body or {})
-
-    def create_flow_run(self, deployment_id: str, parameters: dict) -> dict:
-        # the idempotency key makes a retried request return the run the first attempt created, if it did
-        return self.request("POST", f"/deployments/{deployment_id}/create_flow_run",
-                            {"parameters": parameters, "idempotency_key": str(uuid.uuid4())})
-
-    def flow_run(self, flow_run_id: str) -> dict:
-        return self.get(f"/flow_runs/{flow_run_id}")
-
-    def local_flow_run_ids(self) -> set[str]:
-        """Flow runs not started from a deployment (the extend deployment's scheduled runs come and go)."""
-        return {r["id"] for r in self.post("/flow_runs/filter", {"flow_runs": {"deployment_id": {"is_null_": True}},
-                                                                  "limit": 200})}
-
-    def wait(self, flow_run_id: str, timeout: float = STATE_TIMEOUT) -> dict:
-        """The flow run once it is in a terminal state."""
-        deadline = time.monotonic() + timeout
-        while (run := self.flow_run(flow_run_id))["state_type"] not in TERMINAL:
-            assert time.monotonic() < deadline, f"flow run {run['name']} still {run['state_type']} after {timeout:.0f}s"
-            time.sleep(1)
-        return run
-
-    def task_runs(self, flow_run_id: str) -> list[dict]:
-        return self.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}, "sort": "EXPECTED_START_TIME_ASC"})
-
-    def wait_task_runs(self, flow_run_id: str, count: int, states: set[str] = TERMINAL,
-                       timeout: float = LOGS_TIMEOUT) -> list[dict]:
-        """The flow run's task runs once `count` of them are recorded, all in one of `states`: task run states
-        reach the server as events, recorded apart from (and possibly after) the flow run's own state."""
-        deadline = time.monotonic() + timeout
-        while True:
-            runs = self.task_runs(flow_run_id)
-            if len(runs) >= count and all(t["state_type"] in states for t in runs):
-                return runs
-            assert time.monotonic() < deadline, (f"after {timeout:.0f}s, task runs {[(t['name'], t['state_type']) for t in runs]}"
-                                                 f"; expected {count} in {sorted(states)}")
-            time.sleep(0.5)
-
-    def task_run_states(self, task_run_id: str) -> list[str]:
-        """The state types a task run went through, in order (RUNNING once per attempt)."""
-        states = self.get(f"/task_run_states/?task_run_id={task_run_id}")
-        return [st["type"] for st in sorted(states, key=lambda st: st["timestamp"])]
-
-    def artifacts(self, flow_run_id: str) -> dict[str, dict]:
-        return {a["key"]: a for a in self.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}})}
-
-    def logs(self, flow_run_id: str) -> list[dict]:
-        logs: list[dict] = []
-        while True:
-            page = self.post("/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "sort": "TIMESTAMP_ASC",
-                                              "limit": 200, "offset": len(logs)})
-            logs += page
-            if len(page) < 200:
-                return logs
-
-    def wait_logs(self, flow_run_id: str, text: str, timeout: float = LOGS_TIMEOUT) -> list[dict]:
-        """The flow run's logs once one of them contains `text` (logs reach the API in batches)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            logs = self.logs(flow_run_id)
-            if any(text in log["message"] for log in logs):
-                return logs
-            assert time.monotonic() < deadline, f"no log line with {text!r} after {timeout:.0f}s:\n" + _messages(logs)
-            time.sleep(0.5)
-
-
-def _messages(logs: list[dict], task_run_id: str | None = None) -> str:
-    return "\n".join(log["message"] for log in logs if task_run_id is None or log["task_run_id"] == task_run_id)
 
 
 def run_flow(project: Path, environment: dict, *args: str, timeout: float = FLOW_RUN_TIMEOUT) -> subprocess.CompletedProcess:
@@ -220,8 +56,8 @@ def run_flow_on_server(server: Server, project: Path, *args: str) -> tuple[subpr
 
 # the order of a flow run's tasks, read from dvc.yaml: each stage after the stages whose outputs it reads
 TWO_ITERATIONS = ["check-inputs", "prepare-model", "prepare-prompts", "evaluate-base",
-                  "generate@1", "score@1", "advantages@1", "update@1", "evaluate@1",
-                  "generate@2", "score@2", "advantages@2", "update@2", "evaluate@2", "report"]
+                  "generate@1", "reward-model@1", "score@1", "advantages@1", "update@1", "evaluate@1",
+                  "generate@2", "reward-model@2", "score@2", "advantages@2", "update@2", "evaluate@2", "report"]
 
 
 def test_the_stage_list_is_read_from_dvc_yaml_in_dependency_order(tmp_path):
@@ -229,7 +65,7 @@ def test_the_stage_list_is_read_from_dvc_yaml_in_dependency_order(tmp_path):
     assert stage_names([]) == ["check-inputs", "prepare-model", "prepare-prompts", "evaluate-base", "report"]
     # a workspace's own dvc.yaml, stages listed in another order: still each after what it depends on
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    order = ["report", "update", "evaluate-base", "prepare-prompts", "score", "generate", "evaluate",
+    order = ["report", "update", "evaluate-base", "prepare-prompts", "score", "reward-model", "generate", "evaluate",
              "advantages", "check-inputs", "prepare-model"]
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {name: stages[name] for name in order}}))
     shuffled = stage_names(["1", "2"], tmp_path)
@@ -292,9 +128,9 @@ def test_overrides_are_written_into_params_yaml(project, first_run, tiny_model_d
 def test_stage_output_is_streamed_into_the_run_log(server, first_run):
     logs = server.wait_logs(first_run["id"], FLOW_DONE)
     task_runs = {t["name"]: t["id"] for t in server.wait_task_runs(first_run["id"], len(stage_names(["1"])))}
-    generate = _messages(logs, task_runs["generate@1"])
+    generate = messages(logs, task_runs["generate@1"])
     assert "Running stage 'generate@1'" in generate and "generate@1: read data/prompts.parquet" in generate, generate
-    flow_log = _messages(logs)
+    flow_log = messages(logs)
     assert "params.yaml: loss.beta: 0.04 -> 0.05" in flow_log
     assert 'params.yaml: train.iterations: {"1": 0, "2": 1} -> {"1": 0}' in flow_log
 
@@ -336,9 +172,9 @@ class TestServedDeployments:
                                      cwd=project, env=server.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             deadline = time.monotonic() + 300
-            while len(found := {d["name"]: d for d in server.post("/deployments/filter")}) < 2:
+            while len(found := {d["name"]: d for d in server.post("/deployments/filter")}) < 3:
                 assert serve.poll() is None and time.monotonic() < deadline, (
-                    f"flows.serve registered {sorted(found)} of 2 deployments (exit status {serve.poll()}):\n"
+                    f"flows.serve registered {sorted(found)} of 3 deployments (exit status {serve.poll()}):\n"
                     + log.read_text()[-3000:])
                 time.sleep(0.5)
             yield found
@@ -365,9 +201,15 @@ class TestServedDeployments:
         task_runs = server.wait_task_runs(run["id"], len(stage_names(["1"])))
         assert [t["name"] for t in task_runs] == stage_names(["1"])
         for t in task_runs:
-            assert f"Stage '{t['name']}' didn't change, skipping" in _messages(logs, t["id"]), t["name"]
-        assert "Running stage" not in _messages(logs)
+            assert f"Stage '{t['name']}' didn't change, skipping" in messages(logs, t["id"]), t["name"]
+        assert "Running stage" not in messages(logs)
         assert _data_files(project) == files, "no output was rewritten"
+
+    def test_the_rate_deployment_asks_for_an_iteration(self, server, project, deployments):
+        rate = deployments["rate"]
+        assert rate["parameters"] == {"workspace": str(project.resolve())}
+        assert server.get(f"/flows/{rate['flow_id']}")["name"] == "grpo-rate"
+        assert "iteration" in rate["parameter_openapi_schema"]["required"]
 
     @pytest.mark.xfail(SQLALCHEMY_2_1, strict=True, reason=SCHEDULER_BUG)
     def test_the_extend_deployment_is_scheduled(self, server, deployments):
@@ -417,7 +259,7 @@ def test_a_crashed_stage_is_retried_then_the_flow_run_fails(server, tmp_path, ti
     assert task_run["run_count"] == 2, "one retry"
     assert server.task_run_states(task_run["id"]).count("RUNNING") == 2
     logs = server.wait_logs(run["id"], FLOW_FAILED)
-    stage_log = _messages(logs, task_run["id"])
+    stage_log = messages(logs, task_run["id"])
     assert stage_log.count("Running stage 'check-inputs'") == 2, stage_log
     assert "Retry 1/1 will start" in stage_log and "Retries are exhausted" in stage_log, stage_log
     assert not (bad / "data/inputs.ok").exists()
@@ -438,7 +280,7 @@ def test_a_user_error_is_not_retried_and_fails_the_flow_run_at_once(server, tmp_
     states = server.task_run_states(task_run["id"])
     assert states.count("RUNNING") == 1 and states[-1] == "FAILED", states
     logs = server.wait_logs(run["id"], FLOW_FAILED)
-    stage_log = _messages(logs, task_run["id"])
+    stage_log = messages(logs, task_run["id"])
     assert stage_log.count("Running stage 'check-inputs'") == 1, stage_log
     assert [line for line in stage_log.splitlines() if line.startswith("error:")] == [error], stage_log
     assert "stage check-inputs stopped on a user error: not retried" in stage_log
