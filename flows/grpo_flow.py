@@ -59,7 +59,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows import artifacts
-from flows.rate_flow import RATING_TIMEOUT, grpo_rate
+from flows.rate_flow import RATING_TIMEOUT, RATINGS_DIR, grpo_rate
 from grpo.errors import USER_ERROR_EXIT, InputError
 from pipeline.params_file import edit_params, extend_iterations, iteration_keys, iterations_mapping
 
@@ -182,9 +182,6 @@ def stage_plan(workspace: str | Path, keys: list[str]) -> list[PlannedStage]:
     plan = before + [PlannedStage(f"{name}@{k}", k, *_expand(spec, k, str(int(k) - 1)))
                      for k in keys for name, spec in per_iteration] + after
     return _dependency_order(plan)
-
-
-RATINGS_DIR = "data/ratings"  # the folder of people's ratings, a dependency of reward-model@k and score@k
 
 
 def rates_by_human(params_path: Path) -> bool:
