@@ -59,7 +59,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows import artifacts
-from flows.rate_flow import RATING_TIMEOUT, RATINGS_DIR, grpo_rate
+from flows.rate_flow import RATING_TIMEOUT, RATINGS_DIR, grpo_rate, workspace_dir
 from grpo.errors import USER_ERROR_EXIT, InputError
 from pipeline.params_file import edit_params, extend_iterations, iteration_keys, iterations_mapping
 
@@ -398,13 +398,6 @@ def run_stage(stage: str, workspace: str) -> dict:
 # ------------------------------------------------------------------------------------------------ flows
 
 
-def _workspace(workspace: str | None) -> Path:
-    ws = Path(workspace).expanduser().resolve() if workspace else Path.cwd()
-    if not (ws / "dvc.yaml").exists() or not (ws / "params.yaml").exists():
-        raise FileNotFoundError(f"{ws}: not a GRPO workspace (needs dvc.yaml and params.yaml)")
-    return ws
-
-
 ParamsEdit = Callable[[Path], dict[str, tuple[Any, Any]]]  # edits params.yaml, returns {key: (old, new)}
 
 
@@ -495,7 +488,7 @@ def grpo_train(
         retry_delay_seconds: seconds between a crashed stage and its retry
         rating_timeout: with `human` in reward.weights, seconds an iteration's rating form waits for its answers
     """
-    ws = _workspace(workspace)
+    ws = workspace_dir(workspace)
     changes = dict(overrides or {})
     for name, value in (("group_size", group_size), ("learning_rate", learning_rate), ("beta", beta)):
         if value is not None:
@@ -527,7 +520,7 @@ def grpo_extend(
     """
     if add_iterations < 1:
         raise ValueError(f"add_iterations = {add_iterations} is not allowed; expected an integer >= 1")
-    ws = _workspace(workspace)
+    ws = workspace_dir(workspace)
 
     def extend(params_path: Path) -> dict[str, tuple[Any, Any]]:
         # `python -m pipeline.extend`'s code, on train.iterations as they are once this run holds the lock

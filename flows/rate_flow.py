@@ -215,7 +215,7 @@ def flow_run_url(flow_run_id: Any) -> str:
 # ------------------------------------------------------------------------------------------------- flow
 
 
-def _workspace(workspace: str | None) -> Path:
+def workspace_dir(workspace: str | None) -> Path:
     ws = Path(workspace).expanduser().resolve() if workspace else Path.cwd()
     if not (ws / "dvc.yaml").exists() or not (ws / "params.yaml").exists():
         raise FileNotFoundError(f"{ws}: not a GRPO workspace (needs dvc.yaml and params.yaml)")
@@ -254,7 +254,7 @@ def grpo_rate(
         poll_seconds: how often the paused run checks whether it was resumed
     """
     logger = get_run_logger()
-    ws = _workspace(workspace)
+    ws = workspace_dir(workspace)
     params = load_params(ws / "params.yaml")
     human = params.reward.human
     rollouts_rel = f"data/rollouts/{iteration}.parquet"

@@ -68,11 +68,7 @@ def normalized(rating: int, human: HumanConfig) -> float:
 
 def groups_to_rate(rollouts: pa.Table, human: HumanConfig) -> list[str]:
     """The groups a person rates this iteration: the first groups_per_iteration of the rollouts table."""
-    groups: list[str] = []
-    for group in rollouts["group_id"].to_pylist():
-        if group not in groups:
-            groups.append(group)
-    return groups[: human.groups_per_iteration]
+    return list(dict.fromkeys(rollouts["group_id"].to_pylist()))[: human.groups_per_iteration]
 
 
 def check_ratings(table: pa.Table, rollouts: pa.Table, iteration: int, human: HumanConfig, source: str) -> None:
