@@ -193,8 +193,11 @@ def trl_worker(workspace: Path, iterations: int, out: Path, result_file: Path) -
         max_steps=iterations * steps_per_generation // (o.minibatch_size // o.micro_batch_size) * o.epochs,
         reward_weights=[params.reward.weights[n] for n in names], dataloader_num_workers=0,
     )
+    from grpo.models.lora import peft_config  # the same adapter as ours (model.lora), or full fine-tuning (null)
+
+    lora = None if params.model.lora is None else peft_config(params.model.lora)
     trainer = GRPOTrainer(model=str(workspace / "data/checkpoints/0"), reward_funcs=[make_reward(n) for n in names],
-                          args=config, train_dataset=Dataset.from_list(rows))
+                          args=config, train_dataset=Dataset.from_list(rows), peft_config=lora)
     tokenizer = trainer.processing_class
     eos_ids = {tokenizer.eos_token_id, *([] if tokenizer.pad_token_id is None else [tokenizer.pad_token_id])}
     startup = time.perf_counter() - began

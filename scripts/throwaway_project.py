@@ -22,6 +22,9 @@ PROJECT_FILES = ["dvc.yaml", "params.yaml", "grpo", "pipeline", "flows", ".dvcig
 def small_params(model_dir: Path, iterations: int = 2, **sections) -> dict:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["model"]["source"] = str(model_dir)
+    # full fine-tuning, whose every weight the checks compare; the default's LoRA adapter has its own project tests
+    # (tests/test_lora.py: DVC, kill and resume, evaluation, export; tests/test_distributed.py: 2 ranks)
+    params["model"]["lora"] = None
     params["prompts"].update(num_train=16, num_eval=6)
     params["rollout"].update(group_size=4, prompts_per_iteration=3, max_new_tokens=6)
     params["optim"].update(minibatch_size=6, micro_batch_size=3, learning_rate=1e-3, warmup_steps=0)
