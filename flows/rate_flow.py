@@ -51,7 +51,6 @@ from grpo.environments.human import Key, groups_to_rate, how_to_rate, read_ratin
 from grpo.errors import InputError
 
 RATINGS_DIR = "data/ratings"  # dvc.yaml's --ratings of reward-model@k and score@k
-RATINGS_LOCK = ".dvc/tmp/ratings.lock"  # one writer of data/ratings at a time (save_ratings reads, merges, writes)
 RATING_TIMEOUT = 24 * 3600  # seconds a form waits for its answers before the flow run fails
 WRAP = 56  # characters per line of a completion in the form
 POLL_SECONDS = 5  # how often the paused flow run asks the server whether it was resumed
@@ -294,16 +293,11 @@ def grpo_rate(
                                key=f"rate-iteration-{iteration}")
 
     got = answers(submitted, groups)
-    from filelock import FileLock
-
-    lock = ws / RATINGS_LOCK
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(lock)):
-        now = read_table(rollouts_path, ROLLOUTS)
-        if _shown(now, groups) != shown:
-            raise InputError(f"{rollouts_path} changed while the form was open (generate@{iteration} ran again?): "
-                             f"the ratings are of completions that are gone; nothing was written, rate again")
-        path = save_ratings(ratings_dir, iteration, now, human, got, rater=submitted.rater.strip())
+    now = read_table(rollouts_path, ROLLOUTS)
+    if _shown(now, groups) != shown:
+        raise InputError(f"{rollouts_path} changed while the form was open (generate@{iteration} ran again?): "
+                         f"the ratings are of completions that are gone; nothing was written, rate again")
+    path = save_ratings(ratings_dir, iteration, now, human, got, rater=submitted.rater.strip())
     logger.info("wrote %d ratings of iteration %d by %s to %s (%d ratings in the file)", len(got), iteration,
                 submitted.rater.strip(), path, len(earlier.keys() - got.keys()) + len(got))
     return {"iteration": iteration, "ratings": str(path), "rated": len(got), "skipped": False}

@@ -9,14 +9,16 @@ import dataclasses
 import json
 import subprocess
 import sys
+import time
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from grpo.config import load_params
-from grpo.contracts import RATINGS, ROLLOUTS, read_table
+from grpo.contracts import RATINGS, ROLLOUTS, read_table, write_table
 from grpo.environments.human import (IterationRatings, iteration_ratings, normalized, read_csv_ratings, save_ratings,
                                      write_template)
 from grpo.environments.rewards import RewardSettings, Sample, human_batch
@@ -46,6 +48,29 @@ def test_ratings_are_saved_checked_and_mapped_to_zero_one(tmp_path):
     values = iteration_ratings(tmp_path, 1, table, HUMAN).values
     assert values == {("1-p0", 0): 1.0, ("1-p0", 1): 0.5, ("1-p1", 2): 0.75}
     assert normalized(HUMAN.min_rating, HUMAN) == 0.0 and normalized(HUMAN.max_rating, HUMAN) == 1.0
+
+
+def test_a_second_writer_waits_for_the_first_and_both_ratings_are_kept(tmp_path):
+    from filelock import FileLock
+
+    table = rollouts()
+    save_ratings(tmp_path, 1, table, HUMAN, {("1-p0", 0): (5, None)}, "ann")
+    pq.write_table(table, tmp_path / "rollouts.parquet")
+    other = subprocess.Popen(  # a terminal rater saving while the form's writer holds the lock
+        [sys.executable, "-c", "import pyarrow.parquet as pq; from grpo.config import load_params; "
+         "from grpo.environments.human import save_ratings; "
+         f"save_ratings({str(tmp_path)!r}, 1, pq.read_table({str(tmp_path / 'rollouts.parquet')!r}), "
+         f"load_params({str(ROOT / 'params.yaml')!r}).reward.human, {{('1-p1', 2): (2, None)}}, 'bob')"],
+        cwd=ROOT, env=env() | {"PYTHONPATH": str(ROOT)})
+    with FileLock(str(tmp_path / ".1.lock")):
+        earlier = read_table(tmp_path / "1.parquet", RATINGS).to_pylist()  # the form's read ...
+        time.sleep(3)  # ... while the other writer starts and waits
+        assert other.poll() is None
+        rows = earlier + [dict(earlier[0], group_id="1-p0", sample_index=1, rating=4, completion="answer 0.1")]
+        write_table(pa.Table.from_pylist(rows, schema=RATINGS.schema), tmp_path / "1.parquet", RATINGS)
+    assert other.wait(timeout=60) == 0
+    assert iteration_ratings(tmp_path, 1, table, HUMAN).values == {("1-p0", 0): 1.0, ("1-p0", 1): 0.75,
+                                                                   ("1-p1", 2): 0.25}
 
 
 @pytest.mark.parametrize("change,message", [
@@ -156,6 +181,9 @@ def test_scoring_stops_until_rated_then_reads_the_ratings(human_project):
     assert (scored["reward"] == scored["reward_correctness"] + scored["reward_human"]).all()
     metrics = json.loads((p / "data/metrics/1/score.json").read_text())
     assert metrics["human/rated"] == 12 and metrics["rewards/human/mean"] == 0.5
+    # save_ratings' lock file is no rating: .dvcignore keeps it out of the folder's hash
+    (p / "data/ratings/.1.lock").write_text("held by a writer")
+    assert "score@1" not in json.loads(dvc(p, "status", "score@1", "--json").stdout)
 
     # a changed rating re-runs scoring onward, not generation
     save = (f"from grpo.environments.human import save_ratings; from grpo.contracts import ROLLOUTS, read_table; "

@@ -120,23 +120,32 @@ def iteration_ratings(ratings_dir: str | Path, iteration: int, rollouts: pa.Tabl
 def save_ratings(ratings_dir: str | Path, iteration: int, rollouts: pa.Table, human: HumanConfig,
                  ratings: Mapping[Key, tuple[int, str | None]], rater: str, rated_at: datetime | None = None) -> Path:
     """Add `ratings` ({key: (rating, comment)}) to iteration k's file, replacing earlier ratings of the same
-    completions; validated, then written atomically (a killed writer leaves the earlier file)."""
-    rated_at = rated_at or datetime.now(timezone.utc)
+    completions; validated, then written atomically (a killed writer leaves the earlier file). One writer at a
+    time (a lock file beside it, which .dvcignore leaves out of the folder's hash): a form submitted while
+    someone rates in a terminal keeps both people's ratings."""
+    from filelock import FileLock
+
+    path = ratings_path(ratings_dir, iteration)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path.parent / f".{iteration}.lock")):
+        return _merge_ratings(path, iteration, rollouts, human, ratings, rater, rated_at or datetime.now(timezone.utc))
+
+
+def _merge_ratings(path: Path, iteration: int, rollouts: pa.Table, human: HumanConfig,
+                   ratings: Mapping[Key, tuple[int, str | None]], rater: str, rated_at: datetime) -> Path:
     text = {(g, i): (p, c) for g, i, p, c in zip(rollouts["group_id"].to_pylist(), rollouts["sample_index"].to_pylist(),
                                                  rollouts["prompt"].to_pylist(), rollouts["completion"].to_pylist())}
     missing = [key for key in ratings if key not in text]
     if missing:
         raise InputError(f"{missing[0][0]!r} sample {missing[0][1]} is not a completion of iteration {iteration}")
-    earlier = read_ratings(ratings_dir, iteration, rollouts, human).to_pylist()
+    earlier = read_ratings(path.parent, iteration, rollouts, human).to_pylist()
     rows = [row for row in earlier if (row["group_id"], row["sample_index"]) not in ratings]
     for (group, index), (rating, comment) in ratings.items():
         rows.append({"iteration": iteration, "group_id": group, "sample_index": index, "rating": rating,
                      "rater": rater, "rated_at": rated_at, "comment": comment or None,
                      "prompt": text[group, index][0], "completion": text[group, index][1]})
     table = pa.Table.from_pylist(rows, schema=RATINGS.schema)
-    path = ratings_path(ratings_dir, iteration)
     check_ratings(table, rollouts, iteration, human, str(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
     return write_table(table, path, RATINGS)
 
 
