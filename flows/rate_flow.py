@@ -47,7 +47,8 @@ from prefect.utilities.urls import url_for
 
 from grpo.config import HumanConfig, load_params
 from grpo.contracts import PROMPTS, ROLLOUTS, read_table
-from grpo.environments.human import Key, groups_to_rate, how_to_rate, read_ratings, save_ratings
+from grpo.environments.human import (Key, by_completion, completion_keys, groups_to_rate, how_to_rate, read_ratings,
+                                     save_ratings)
 from grpo.errors import InputError
 
 RATINGS_DIR = "data/ratings"  # dvc.yaml's --ratings of reward-model@k and score@k
@@ -231,8 +232,7 @@ def _questions(ws: Path) -> dict[str, str]:
 
 def _shown(rollouts: pa.Table, groups: list[Group]) -> dict[Key, str]:
     keys = {c.key for g in groups for c in g.completions}
-    return {(g, i): t for g, i, t in zip(rollouts["group_id"].to_pylist(), rollouts["sample_index"].to_pylist(),
-                                         rollouts["completion"].to_pylist()) if (g, i) in keys}
+    return {key: text for key, text in by_completion(rollouts, "completion").items() if key in keys}
 
 
 @flow(name="grpo-rate", flow_run_name="rate-iteration-{iteration}")
@@ -267,8 +267,7 @@ def grpo_rate(
     earlier = {(r["group_id"], r["sample_index"]): r
                for r in read_ratings(ratings_dir, iteration, rollouts, human).to_pylist()}
     to_rate = groups_to_rate(rollouts, human)
-    keys = {g: [k for k in zip(rollouts["group_id"].to_pylist(), rollouts["sample_index"].to_pylist()) if k[0] == g]
-            for g in to_rate}
+    keys = {g: [key for key in completion_keys(rollouts) if key[0] == g] for g in to_rate}
     open_groups = [g for g in to_rate if any(k not in earlier for k in keys[g])]
     if not open_groups:
         logger.info("iteration %d: the %d completions of its %d groups to rate are rated already (%s): nothing to do",

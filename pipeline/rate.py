@@ -18,7 +18,7 @@ import getpass
 
 from grpo.config import load_params
 from grpo.contracts import ROLLOUTS, read_table
-from grpo.environments.human import (groups_to_rate, iteration_ratings, read_csv_ratings, save_ratings,
+from grpo.environments.human import (completion_keys, groups_to_rate, iteration_ratings, read_csv_ratings, save_ratings,
                                      write_template)
 from pipeline.stage import run
 
@@ -101,8 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.status:
         values = iteration_ratings(args.ratings, args.iteration, rollouts, human).values
         groups = set(groups_to_rate(rollouts, human))
-        todo = sum(1 for g, i in zip(rollouts["group_id"].to_pylist(), rollouts["sample_index"].to_pylist())
-                   if g in groups and (g, i) not in values)
+        todo = sum(1 for key in completion_keys(rollouts) if key[0] in groups and key not in values)
         mean = sum(values.values()) / len(values) if values else float("nan")
         print(f"iteration {args.iteration}: {len(values)} rated (mean reward_human {mean:.3f}), {todo} of the "
               f"{len(groups)} groups to rate await ratings, {rollouts.num_rows} completions in all")

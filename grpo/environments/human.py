@@ -71,11 +71,20 @@ def groups_to_rate(rollouts: pa.Table, human: HumanConfig) -> list[str]:
     return list(dict.fromkeys(rollouts["group_id"].to_pylist()))[: human.groups_per_iteration]
 
 
+def completion_keys(table: pa.Table) -> list[Key]:
+    """(group_id, sample_index) of every row of a rollouts or ratings table, in order."""
+    return list(zip(table["group_id"].to_pylist(), table["sample_index"].to_pylist()))
+
+
+def by_completion(table: pa.Table, column: str) -> dict[Key, object]:
+    """{(group_id, sample_index): the row's value of `column`}."""
+    return dict(zip(completion_keys(table), table[column].to_pylist()))
+
+
 def check_ratings(table: pa.Table, rollouts: pa.Table, iteration: int, human: HumanConfig, source: str) -> None:
     """Every row rates a completion of this iteration's rollouts (the same text), once, on the scale. InputError
     naming the file, the row (0-based, as pandas shows it) and the column."""
-    completions = {(g, i): c for g, i, c in zip(rollouts["group_id"].to_pylist(), rollouts["sample_index"].to_pylist(),
-                                                rollouts["completion"].to_pylist())}
+    completions = by_completion(rollouts, "completion")
     seen: dict[Key, int] = {}
     columns = {name: table[name].to_pylist() for name in ("iteration", "group_id", "sample_index", "rating", "completion")}
     for row in range(table.num_rows):
@@ -111,9 +120,7 @@ def read_ratings(ratings_dir: str | Path, iteration: int, rollouts: pa.Table, hu
 
 def iteration_ratings(ratings_dir: str | Path, iteration: int, rollouts: pa.Table, human: HumanConfig) -> IterationRatings:
     table = read_ratings(ratings_dir, iteration, rollouts, human)
-    values = {(g, i): normalized(r, human) for g, i, r in zip(table["group_id"].to_pylist(),
-                                                              table["sample_index"].to_pylist(),
-                                                              table["rating"].to_pylist())}
+    values = {key: normalized(rating, human) for key, rating in by_completion(table, "rating").items()}
     return IterationRatings(iteration, str(ratings_path(ratings_dir, iteration)), values)
 
 
@@ -133,9 +140,8 @@ def save_ratings(ratings_dir: str | Path, iteration: int, rollouts: pa.Table, hu
 
 def _merge_ratings(path: Path, iteration: int, rollouts: pa.Table, human: HumanConfig,
                    ratings: Mapping[Key, tuple[int, str | None]], rater: str, rated_at: datetime) -> Path:
-    text = {(g, i): (p, c) for g, i, p, c in zip(rollouts["group_id"].to_pylist(), rollouts["sample_index"].to_pylist(),
-                                                 rollouts["prompt"].to_pylist(), rollouts["completion"].to_pylist())}
-    missing = [key for key in ratings if key not in text]
+    prompts, completions = by_completion(rollouts, "prompt"), by_completion(rollouts, "completion")
+    missing = [key for key in ratings if key not in completions]
     if missing:
         raise InputError(f"{missing[0][0]!r} sample {missing[0][1]} is not a completion of iteration {iteration}")
     earlier = read_ratings(path.parent, iteration, rollouts, human).to_pylist()
@@ -143,7 +149,7 @@ def _merge_ratings(path: Path, iteration: int, rollouts: pa.Table, human: HumanC
     for (group, index), (rating, comment) in ratings.items():
         rows.append({"iteration": iteration, "group_id": group, "sample_index": index, "rating": rating,
                      "rater": rater, "rated_at": rated_at, "comment": comment or None,
-                     "prompt": text[group, index][0], "completion": text[group, index][1]})
+                     "prompt": prompts[group, index], "completion": completions[group, index]})
     table = pa.Table.from_pylist(rows, schema=RATINGS.schema)
     check_ratings(table, rollouts, iteration, human, str(path))
     return write_table(table, path, RATINGS)
