@@ -30,6 +30,7 @@ from grpo.errors import InputError
 from grpo.models.atomic import atomic_folder, write_json
 from pipeline.stage import iteration_parser, run, stage
 
+FEATURES_DIR = ".grpo/reward_model_features"  # features of rated completions, kept between runs of the stage
 INFO = "reward_model.json"  # grpo.models.reward_model.INFO, named here so that the untrained path imports no torch
 
 
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None, *, cache=None) -> None:
 
         config = params.reward.reward_model
         tensors, report = reward_model.train(args.base, ratings, config, seed=params.train.seed, cache=cache,
-                                             device=params.train.device)
+                                             device=params.train.device, features_dir=FEATURES_DIR)
         with atomic_folder(args.out) as tmp:
             reward_model.save(tmp, args.base, tensors, report, config, params.train.seed)
         metrics = {f"reward_model/{name}": value for name, value in report.items()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+import torch
 import yaml
 
 from grpo.contracts import RATINGS, write_table
@@ -106,6 +107,29 @@ def test_learns_a_planted_rule_and_ranks_rule_following_completions_higher(tmp_p
     assert all(0.0 <= s <= 1.0 for s in scores)
     wins = sum(good > bad for good, bad in zip(scores[::2], scores[1::2]))
     assert wins >= 24, f"{wins} of 30 rule-following completions scored higher"  # measured: 30
+
+
+def test_features_of_unchanged_iterations_come_from_the_cache_bit_for_bit(tmp_path, tiny_model_dir):
+    from grpo.config import load_params
+    from grpo.models.reward_model import train
+
+    config = load_params(params_file(tmp_path / "params.yaml", tiny_model_dir, {"reward_model": 1.0})).reward.reward_model
+    first, second = ratings_table(1, 6, seed=1), ratings_table(2, 6, seed=2)
+    both = pa.concat_tables([first, second])
+    fresh, report = train(tiny_model_dir, both, config, seed=0)  # no cache: every feature computed
+    assert report["feature_iterations"] == 2 and report["feature_iterations_cached"] == 0
+    features = tmp_path / "features"
+    train(tiny_model_dir, first, config, seed=0, features_dir=features)  # reward-model@1 keeps iteration 1's
+    cached, report = train(tiny_model_dir, both, config, seed=0, features_dir=features)
+    assert report["feature_iterations_cached"] == 1  # iteration 1 read, iteration 2 computed
+    assert all(torch.equal(fresh[name], cached[name]) for name in fresh)
+    again, report = train(tiny_model_dir, both, config, seed=0, features_dir=features)
+    assert report["feature_iterations_cached"] == 2 and all(torch.equal(fresh[n], again[n]) for n in fresh)
+    # a rating's text changed (generated again): its iteration is computed, not read
+    edited = second.set_column(8, RATINGS.schema.field("completion"),
+                               pa.array([c + " more" for c in second["completion"].to_pylist()]))
+    _, report = train(tiny_model_dir, pa.concat_tables([first, edited]), config, seed=0, features_dir=features)
+    assert report["feature_iterations_cached"] == 1
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,8 @@ from safetensors.torch import load_file, save_file
 
 from grpo.config import RewardModelConfig
 from grpo.errors import ConfigError, InputError
-from grpo.models.cache import CheckpointCache
+from grpo.models.atomic import atomic_write
+from grpo.models.cache import CheckpointCache, stamp
 from grpo.models.loading import INFO_FILE, checkpoint_info, load_checkpoint, resolve_device, use_fast_attention
 
 INFO = "reward_model.json"  # pipeline/reward_model.py writes the untrained form itself (no torch import there)
@@ -88,6 +89,44 @@ def completion_features(model, tokenizer, prompts: Sequence[str], completions: S
         pooled = (hidden.float() * pool.to(device)[..., None]).sum(1) / pool.sum(1, keepdim=True).to(device)
         out[batch] = pooled.cpu()
     return out
+
+
+def rating_features(base: str | Path, rows: dict, device: str = "auto", *, cache: CheckpointCache | None = None,
+                    features_dir: str | Path | None = None) -> tuple[torch.Tensor, dict]:
+    """[n, hidden]: completion_features of every rating in `rows` (columns iteration, prompt, completion).
+
+    Computed an iteration at a time, so that a rating's features never depend on which other iterations are read
+    with it (batches, and with them the last bits of a float, are formed within the iteration), and kept in
+    `features_dir` (None: nowhere) under a hash of the base folder's stamp (grpo.models.cache.stamp), the device
+    and the iteration's (prompt, completion) pairs. New ratings re-run every reward-model@j (data/ratings is one
+    DVC dependency); each then reads the features of unchanged iterations from there, the same numbers bit for
+    bit, instead of running the base model over every rating again. The base is loaded only when one is missing.
+    """
+    x: torch.Tensor | None = None
+    loaded = None
+    report = {"feature_iterations": 0, "feature_iterations_cached": 0}
+    for iteration in sorted(set(rows["iteration"])):
+        index = [i for i, k in enumerate(rows["iteration"]) if k == iteration]
+        pairs = [[rows["prompt"][i], rows["completion"][i]] for i in index]
+        path = None
+        if features_dir is not None:
+            key = json.dumps({"base": stamp(base), "device": str(resolve_device(device).type), "features": FEATURES,
+                              "pairs": pairs})
+            path = Path(features_dir) / f"{hashlib.sha256(key.encode()).hexdigest()}.safetensors"
+        report["feature_iterations"] += 1
+        if path is not None and path.exists():
+            part = load_file(path)["features"]
+            report["feature_iterations_cached"] += 1
+        else:
+            loaded = loaded or load_base(base, cache=cache, device=device)
+            model, tokenizer, dev = loaded
+            part = completion_features(model, tokenizer, [p for p, _ in pairs], [c for _, c in pairs], dev)
+            if path is not None:
+                atomic_write(path, lambda tmp: save_file({"features": part.contiguous()}, tmp))
+        if x is None:
+            x = torch.zeros(len(rows["iteration"]), part.shape[1])
+        x[index] = part
+    return x, report
 
 
 def load_base(base: str | Path, *, cache: CheckpointCache | None = None, device: str = "auto"):
@@ -153,9 +192,10 @@ def fit_head(z: torch.Tensor, pairs: torch.Tensor, config: RewardModelConfig) ->
 
 
 def train(base: str | Path, ratings: pa.Table, config: RewardModelConfig, *, seed: int,
-          cache: CheckpointCache | None = None, device: str = "auto") -> tuple[dict[str, torch.Tensor], dict]:
+          cache: CheckpointCache | None = None, device: str = "auto",
+          features_dir: str | Path | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors for head.safetensors, metrics) from a RATINGS table (every rating so far). InputError when the
-    ratings hold no pair to learn from, or every pair is held out."""
+    ratings hold no pair to learn from, or every pair is held out. `features_dir`: see rating_features."""
     start = time.perf_counter()
     rows = ratings.select(["iteration", "group_id", "rating", "prompt", "completion"]).to_pydict()
     groups = [f"{k}/{g}" for k, g in zip(rows["iteration"], rows["group_id"])]  # a group id is per iteration
@@ -172,10 +212,8 @@ def train(base: str | Path, ratings: pa.Table, config: RewardModelConfig, *, see
                          f"(reward.reward_model.heldout_fraction {config.heldout_fraction}); rate more groups or "
                          "lower heldout_fraction")
 
-    model, tokenizer, dev = load_base(base, cache=cache, device=device)
-    x = completion_features(model, tokenizer, rows["prompt"], rows["completion"], dev)
+    x, feature_report = rating_features(base, rows, device, cache=cache, features_dir=features_dir)
     feature_seconds = time.perf_counter() - start
-    del model  # the head trains on the CPU: d weights, full batch
     mean = x[train_rows].mean(0)
     std = x[train_rows].std(0, unbiased=False).clamp_min(1e-6)  # a constant feature: no division by 0
     z = (x - mean) / std
@@ -186,7 +224,7 @@ def train(base: str | Path, ratings: pa.Table, config: RewardModelConfig, *, see
                "pairs_train": len(train_pairs), "pairs_heldout": len(heldout_pairs),
                "train_pairwise_accuracy": pairwise_accuracy(scores, train_pairs),
                "heldout_pairwise_accuracy": pairwise_accuracy(scores, heldout_pairs),
-               "feature_seconds": feature_seconds, "seconds": time.perf_counter() - start}
+               **feature_report, "feature_seconds": feature_seconds, "seconds": time.perf_counter() - start}
     tensors = {"weight": head.weight.detach().clone(), "feature_mean": mean, "feature_std": std}
     return tensors, metrics
 
@@ -201,7 +239,8 @@ def save(folder: str | Path, base: str | Path, tensors: dict[str, torch.Tensor],
             "features": {**FEATURES, "hidden_size": int(tensors["weight"].shape[1])},
             "config": {"seed": seed, "heldout_fraction": config.heldout_fraction, "steps": config.steps,
                        "learning_rate": config.learning_rate, "weight_decay": config.weight_decay},
-            "metrics": metrics}
+            # what the fit found; how long it took and what came from the features cache are the stage's metrics
+            "metrics": {k: v for k, v in metrics.items() if not k.endswith("seconds") and not k.startswith("feature_")}}
     (folder / INFO).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
 
 
