@@ -1,7 +1,7 @@
 """The default run (or an example's overrides) for several seeds and thread counts: does it learn on every one?
 
     python scripts/seed_runs.py                                   # seeds 0 1 2 x OMP_NUM_THREADS 1 2: six runs
-    python scripts/seed_runs.py --seeds 0 --threads 2 --overrides examples/lora.yaml
+    python scripts/seed_runs.py --seeds 0 --threads 2 --overrides examples/full_finetune.yaml
     python scripts/seed_runs.py --seeds 0 --threads 2 --overrides examples/multistep.yaml
 
 Each run: a clean clone of this repository's HEAD (committed code only) in --workdir, the overrides and
@@ -74,7 +74,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--overrides", type=Path, help="a params overrides file, e.g. examples/lora.yaml")
+    parser.add_argument("--overrides", type=Path, help="a params overrides file, e.g. examples/full_finetune.yaml")
     parser.add_argument("--workdir", type=Path, help="where the clones go (default: a new temporary folder)")
     args = parser.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="seed-runs-"))
