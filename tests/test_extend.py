@@ -92,14 +92,17 @@ def test_edit_sets_dotted_keys_and_keeps_every_comment(params):
     before = params.read_text()
     changed = edit_params(params, {"rollout.group_size": 4, "loss.beta": 0.05, "optim.learning_rate": 1e-5,
                                    "loss.clip_high": 0.28, "train.iterations": iterations_mapping(1)})
-    assert changed == {"rollout.group_size": (8, 4), "loss.beta": (0.04, 0.05), "optim.learning_rate": (5e-5, 1e-5),
+    assert changed == {"rollout.group_size": (8, 4), "loss.beta": (0.04, 0.05), "optim.learning_rate": (5e-4, 1e-5),
                        "loss.clip_high": (None, 0.28), "train.iterations": ({"1": 0, "2": 1}, {"1": 0})}
     diff = dict(_changed_lines(before, params.read_text()))
     assert diff == {
         "  group_size: 8               # G completions per prompt": "  group_size: 4               # G completions per prompt",
         "  beta: 0.04                  # KL penalty to the reference (DeepSeekMath)":
             "  beta: 0.05                  # KL penalty to the reference (DeepSeekMath)",
-        "  learning_rate: 5.0e-5": "  learning_rate: 1.0e-05",  # 1e-05 would read as a string in YAML 1.1
+        "  learning_rate: 5.0e-4       # LoRA's; full fine-tuning (model.lora: null) wants about 10x less: "
+        "examples/full_finetune.yaml":
+            "  learning_rate: 1.0e-05      # LoRA's; full fine-tuning (model.lora: null) wants about 10x less: "
+            "examples/full_finetune.yaml",  # 1e-05 would read as a string in YAML 1.1
         "  clip_high: null             # null = clip_low; 0.28 = DAPO clip-higher":
             "  clip_high: 0.28             # null = clip_low; 0.28 = DAPO clip-higher",
         '  iterations: {"1": 0, "2": 1}': '  iterations: {"1": 0}',
