@@ -218,10 +218,12 @@ def test_the_project_and_root_are_not_readable(no_leftovers):
 
 @needs_sandbox
 def test_killing_its_parent_and_pid_1_harms_nothing(no_leftovers):
+    parent = os.getppid()  # 1 when pytest itself was started detached (nohup ... &)
     result = run("import os, signal\nfor pid in (os.getppid(), 1):\n    try:\n        os.kill(pid, signal.SIGKILL)\n"
                  "    except OSError as e:\n        print(e)\nprint('still here')")
     assert result.stdout.endswith("still here\n") and result.reason is None
-    assert os.getppid() > 1  # and we are fine
+    os.kill(parent, 0)  # and our parent is alive (raises if it is gone) ...
+    assert os.getppid() == parent  # ... and still ours
 
 
 @needs_sandbox
