@@ -104,16 +104,17 @@ def rating_features(base: str | Path, rows: dict, device: str = "auto", *, cache
     """
     x: torch.Tensor | None = None
     loaded = None
-    report = {"feature_iterations": 0, "feature_iterations_cached": 0}
-    for iteration in sorted(set(rows["iteration"])):
+    iterations = sorted(set(rows["iteration"]))
+    report = {"feature_iterations": len(iterations), "feature_iterations_cached": 0}
+    # the same for every iteration: the base folder's files (path, size, mtime) and where the features are computed
+    source = {"base": stamp(base), "device": resolve_device(device).type, "features": FEATURES}
+    for iteration in iterations:
         index = [i for i, k in enumerate(rows["iteration"]) if k == iteration]
         pairs = [[rows["prompt"][i], rows["completion"][i]] for i in index]
         path = None
         if features_dir is not None:
-            key = json.dumps({"base": stamp(base), "device": str(resolve_device(device).type), "features": FEATURES,
-                              "pairs": pairs})
+            key = json.dumps({**source, "pairs": pairs})
             path = Path(features_dir) / f"{hashlib.sha256(key.encode()).hexdigest()}.safetensors"
-        report["feature_iterations"] += 1
         if path is not None and path.exists():
             part = load_file(path)["features"]
             report["feature_iterations_cached"] += 1
